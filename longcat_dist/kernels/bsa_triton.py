@@ -1,0 +1,301 @@
+"""Triton kernels of block-sparse attention: forward, dQ (+ the row terms Δ), dK/dV (spec §3.3-3.4, own design).
+
+One program owns one 3-D block (a tile of BLOCK = t·h·w tokens) of one (batch, head). Tiles are gathered from
+q/k/v in place: a block's rows are computed from its (block-t, block-h, block-w) position, and rows past the
+grid edge or past the cond/noise boundary are masked, so ragged grids need no padded copies. Every block holds
+at least one real token, so every real query row sees at least one finite score.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from longcat_dist.kernels.bsa_select import BlockGrid, BlockSelection
+
+# Launch settings per head dim, (num_warps, num_stages), measured on H100 with bf16 at the training shape
+# (bench/attention.py --sweep; see docs/perf_attention.md). One 64-token block is the natural wgmma m64 tile, so
+# one warpgroup (4 warps) per program; stages hide the latency of the gathered K/V loads.
+FWD_LAUNCH = {32: (4, 3), 64: (4, 3), 128: (4, 3)}
+DQ_LAUNCH = {32: (4, 2), 64: (4, 2), 128: (4, 2)}
+DKDV_LAUNCH = {32: (4, 2), 64: (4, 2), 128: (4, 2)}
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """tl.dot, with the operands upcast to float32 under TRITON_INTERPRET: Triton 3.9's interpreter multiplies
+    bf16 as raw uint16. The operands are already rounded to the input dtype, so results match the GPU's MMA."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _block_rows(
+    block, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
+):  # fmt: skip
+    """Token rows of one block's tile and which of them are real (see bsa_select for the block layout)."""
+    # Tile rows run in (t, h, w) order inside the block; the compiler hoists this loop-invariant part.
+    offs = tl.arange(0, CHUNK_T * CHUNK_H * CHUNK_W)
+    local_t = offs // (CHUNK_H * CHUNK_W)
+    local_h = (offs // CHUNK_W) % CHUNK_H
+    local_w = offs % CHUNK_W
+    bt = block // (hblocks * wblocks)
+    bh = (block // wblocks) % hblocks
+    bw = block % wblocks
+    is_cond = bt < cond_tblocks
+    t0 = tl.where(is_cond, bt * CHUNK_T, n_cond + (bt - cond_tblocks) * CHUNK_T)
+    t_end = tl.where(is_cond, n_cond, T)
+    h0 = bh * CHUNK_H
+    w0 = bw * CHUNK_W
+    rows = ((t0 + local_t) * Hp + h0 + local_h) * Wp + w0 + local_w
+    valid = (local_t < t_end - t0) & (local_h < Hp - h0) & (local_w < Wp - w0)
+    return rows, valid
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, IDX, COUNTS, scale_log2,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_ib, s_ih, s_im,
+    nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Out and base-2 log-sum-exp of one q-block over its selected k-blocks (online softmax)."""
+    BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    qblock = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    q_rows, q_valid = _block_rows(
+        qblock, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+    )
+    q = tl.load(
+        Q + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :], mask=q_valid[:, None], other=0.0
+    )
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    IDX += b * s_ib + h * s_ih + qblock * s_im
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for s in range(0, tl.load(COUNTS + qblock)):
+        k_rows, k_valid = _block_rows(
+            tl.load(IDX + s), T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+        )
+        k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
+        v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
+        qk = tl.where(
+            k_valid[None, :], _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2, float("-inf")
+        )  # [BLOCK, BLOCK]
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block: m_i starts at -inf
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(
+        Out + b * s_ob + h * s_oh + q_rows[:, None] * s_on + d[None, :],
+        acc.to(Out.dtype.element_ty),
+        mask=q_valid[:, None],
+    )
+    tl.store(LSE + bh.to(tl.int64) * N + q_rows, m_i + tl.math.log2(l_i), mask=q_valid)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, Out, DO, DQ, LSE, DELTA, IDX, COUNTS, scale_log2, sm_scale,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_ib, s_ih, s_im,
+    nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """dQ of one q-block; also stores its Δ = rowsum(Out·dO), which the dK/dV kernel reads afterwards."""
+    BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    qblock = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    q_rows, q_valid = _block_rows(
+        qblock, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+    )
+    row_mask = q_valid[:, None]
+    q = tl.load(Q + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :], mask=row_mask, other=0.0)
+    o = tl.load(Out + b * s_ob + h * s_oh + q_rows[:, None] * s_on + d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + q_rows[:, None] * s_dn + d[None, :], mask=row_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK]
+    row_stats = bh.to(tl.int64) * N + q_rows
+    tl.store(DELTA + row_stats, delta, mask=q_valid)
+    lse = tl.load(LSE + row_stats, mask=q_valid, other=0.0)
+    K += b * s_kb + h * s_kh
+    V += b * s_vb + h * s_vh
+    IDX += b * s_ib + h * s_ih + qblock * s_im
+    dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for s in range(0, tl.load(COUNTS + qblock)):
+        k_rows, k_valid = _block_rows(
+            tl.load(IDX + s), T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+        )
+        k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
+        v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
+        qk = tl.where(k_valid[None, :], _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, BLOCK]
+        dp = _dot(do, tl.trans(v), UPCAST_DOT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
+    dq *= sm_scale
+    tl.store(
+        DQ + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_mask,
+    )
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, QLIST, QOFFSETS, scale_log2, sm_scale,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, pairs_per_head,
+    nh, N, num_blocks, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """dK and dV of one k-block over the q-blocks that selected it (the transposed selection)."""
+    BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    kblock = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    k_rows, k_valid = _block_rows(
+        kblock, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+    )
+    k_ptrs = b * s_kb + h * s_kh + k_rows[:, None] * s_kn + d[None, :]
+    v_ptrs = b * s_vb + h * s_vh + k_rows[:, None] * s_vn + d[None, :]
+    k = tl.load(K + k_ptrs, mask=k_valid[:, None], other=0.0)
+    v = tl.load(V + v_ptrs, mask=k_valid[:, None], other=0.0)
+    Q += b * s_qb + h * s_qh
+    DO += b * s_db + h * s_dh
+    LSE += bh.to(tl.int64) * N
+    DELTA += bh.to(tl.int64) * N
+    QLIST += bh.to(tl.int64) * pairs_per_head
+    QOFFSETS += bh.to(tl.int64) * (num_blocks + 1) + kblock
+    dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for i in range(tl.load(QOFFSETS), tl.load(QOFFSETS + 1)):
+        q_rows, q_valid = _block_rows(
+            tl.load(QLIST + i), T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+        )
+        q = tl.load(Q + q_rows[:, None] * s_qn + d[None, :], mask=q_valid[:, None], other=0.0)
+        do = tl.load(DO + q_rows[:, None] * s_dn + d[None, :], mask=q_valid[:, None], other=0.0)
+        # Padded q rows get lse = +inf, so their P is exactly 0 and they add nothing to dK/dV. Padded k rows
+        # are never stored, so they need no mask here.
+        lse = tl.load(LSE + q_rows, mask=q_valid, other=float("inf"))
+        delta = tl.load(DELTA + q_rows, mask=q_valid, other=0.0)
+        p_t = tl.math.exp2(_dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :])  # [BLOCK_k, BLOCK_q]
+        dv += _dot(p_t.to(do.dtype), do, UPCAST_DOT)
+        dp_t = _dot(v, tl.trans(do), UPCAST_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST_DOT)
+    dk *= sm_scale
+    tl.store(DK + k_ptrs, dk.to(DK.dtype.element_ty), mask=k_valid[:, None])
+    tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
+
+
+def _geometry_args(grid: BlockGrid) -> tuple[int, ...]:
+    T, Hp, Wp = grid.latent_shape
+    return (T, Hp, Wp, grid.num_cond_latents, grid.cond_tblocks, grid.hblocks, grid.wblocks)
+
+
+def _chunk_kwargs(grid: BlockGrid, head_dim: int, launch: dict[int, tuple[int, int]]) -> dict[str, int]:
+    num_warps, num_stages = launch[head_dim]
+    ct, ch, cw = grid.chunk_shape
+    return dict(
+        HEAD_DIM=head_dim,
+        CHUNK_T=ct,
+        CHUNK_H=ch,
+        CHUNK_W=cw,
+        UPCAST_DOT=interpreted(),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+def interpreted() -> bool:
+    """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on the CPU, in numpy)."""
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: BlockGrid, selection: BlockSelection
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; returns Out [B, nh, N, hd] and the base-2 lse [B·nh, N] float32."""
+    B, nh, N, hd = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty(B * nh, N, device=q.device, dtype=torch.float32)
+    idx = selection.indices
+    scale_log2 = _LOG2E / math.sqrt(hd)
+    _fwd_kernel[(grid.num_blocks, B * nh)](
+        q, k, v, o, lse, idx, selection.counts, scale_log2,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
+        nh, N, *_geometry_args(grid), **_chunk_kwargs(grid, hd, FWD_LAUNCH),
+    )  # fmt: skip
+    return o, lse
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    grid: BlockGrid,
+    selection: BlockSelection,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
+    B, nh, N, hd = q.shape
+    sm_scale = 1.0 / math.sqrt(hd)
+    scale_log2 = sm_scale * _LOG2E
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)  # [B·nh, N]
+    idx = selection.indices
+    geometry = _geometry_args(grid)
+    _dq_kernel[(grid.num_blocks, B * nh)](
+        q, k, v, o, do, dq, lse, delta, idx, selection.counts, scale_log2, sm_scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *idx.stride()[:3],
+        nh, N, *geometry, **_chunk_kwargs(grid, hd, DQ_LAUNCH),
+    )  # fmt: skip
+    q_list, q_offsets = transpose_selection(selection, grid.num_blocks)
+    _dkdv_kernel[(grid.num_blocks, B * nh)](
+        q, k, v, do, dk, dv, lse, delta, q_list, q_offsets, scale_log2, sm_scale,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], q_list.shape[-1],
+        nh, N, grid.num_blocks, *geometry, **_chunk_kwargs(grid, hd, DKDV_LAUNCH),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def transpose_selection(selection: BlockSelection, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each k-block, the ascending q-blocks that selected it, as CSR per (batch, head), without host sync.
+
+    Returns q_list [B·nh, M·n_sel] int32 and offsets [B·nh, M+1] int32: k-block j's q-blocks are
+    q_list[bh, offsets[bh, j]:offsets[bh, j+1]]. Unused slots (value M) sort to the end and are never reached.
+    """
+    B, nh, _, n_sel = selection.indices.shape
+    pairs = selection.indices.reshape(B * nh, num_blocks * n_sel)  # k-block of pair (m, s) at m·n_sel + s
+    k_sorted, order = torch.sort(pairs, dim=-1, stable=True)  # stable: q-blocks stay ascending per k-block
+    q_list = (order // n_sel).to(torch.int32)
+    bounds = (
+        torch.arange(num_blocks + 1, device=pairs.device, dtype=pairs.dtype).expand(B * nh, -1).contiguous()
+    )
+    offsets = torch.searchsorted(k_sorted, bounds).to(torch.int32)
+    return q_list, offsets

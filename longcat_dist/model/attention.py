@@ -1,0 +1,204 @@
+"""Self- and cross-attention of the DiT, and the one place that picks an attention backend (spec §2.6, §2.7, §2.10).
+
+Backends compute the same attention except `bsa`, the block-sparse approximation of spec §3:
+  sdpa      torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels on GPU, maths on CPU)
+  xformers  xformers.ops.memory_efficient_attention, when installed
+  bsa       longcat_dist.kernels.block_sparse_attention (Triton); used for grids with more than one latent frame
+  auto      sdpa
+A backend that was asked for by name and cannot run here is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from longcat_dist.model.layers import RMSNormFp32
+from longcat_dist.model.rope import apply_rope, rope_angles
+
+BACKENDS = ("auto", "sdpa", "xformers", "bsa")
+
+
+@dataclass(frozen=True)
+class BSAParams:
+    """Block-sparse attention settings: the fraction of key blocks skipped and the (t, h, w) block shape."""
+
+    sparsity: float = 0.9375
+    chunk_shape: tuple[int, int, int] = (4, 4, 4)
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """The resolved backend (never "auto") and its BSA parameters."""
+
+    backend: str = "sdpa"
+    bsa: BSAParams = BSAParams()
+
+
+def resolve_backend(name: str, bsa: BSAParams | None = None) -> AttentionSettings:
+    """Check that a backend can run in this process and return its settings."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_implementation={name!r} is unknown; use one of {list(BACKENDS)}")
+    if name == "auto":
+        return AttentionSettings("sdpa")
+    if name == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ValueError(
+            "attention_implementation='xformers' was requested but the xformers package is not installed; "
+            "install it or use 'sdpa'"
+        )
+    if name == "bsa":
+        from longcat_dist.kernels import bsa_triton
+
+        if not torch.cuda.is_available() and not bsa_triton.interpreted():
+            raise ValueError(
+                "attention_implementation='bsa' needs a CUDA GPU for its Triton kernel (or TRITON_INTERPRET=1 "
+                "for tiny CPU tests); use 'sdpa' on this machine"
+            )
+    return AttentionSettings(name, bsa or BSAParams())
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention with scale 1/sqrt(hd); q [B, nh, Nq, hd], k/v [B, nh, Nk, hd] -> [B, nh, Nq, hd]."""
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+        )
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def self_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_cond_tokens: int,
+    latent_shape: tuple[int, int, int],
+    settings: AttentionSettings,
+) -> Tensor:
+    """Bidirectional attention with the I2V split: cond queries see only cond keys, noise queries see all keys.
+
+    q, k, v [B, nh, N, hd] with RoPE applied; latent_shape (T, Hp, Wp) of the N tokens.
+    """
+    frames, height, width = latent_shape
+    if settings.backend == "bsa" and frames > 1:
+        from longcat_dist.kernels import block_sparse_attention
+
+        return block_sparse_attention(
+            q,
+            k,
+            v,
+            latent_shape=latent_shape,
+            num_cond_latents=num_cond_tokens // (height * width),
+            sparsity=settings.bsa.sparsity,
+            chunk_shape=settings.bsa.chunk_shape,
+        )
+    backend = "sdpa" if settings.backend == "bsa" else settings.backend
+    if num_cond_tokens == 0:
+        return dense_attention(q, k, v, backend)
+    m = num_cond_tokens
+    cond = dense_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], backend)
+    noise = dense_attention(q[:, :, m:], k, v, backend)
+    return torch.cat([cond, noise], dim=2)
+
+
+class SelfAttention(nn.Module):
+    """Fused qkv, per-head q/k RMSNorm, 3-D RoPE, attention and output projection (§2.6)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNormFp32(self.head_dim)
+        self.k_norm = RMSNormFp32(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        latent_shape: tuple[int, int, int],
+        num_cond_tokens: int,
+        settings: AttentionSettings,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, N, C] -> ([B, N, C], (k, v)): k after q/k-norm and before RoPE, as the KV cache records it.
+
+        With kv_cache (k, v) of n_c cond frames, x holds only noise tokens and latent_shape counts the noise frames.
+        """
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, nh, N, hd] each
+        q, k = self.q_norm(q), self.k_norm(k)
+        new_kv = (k, v)
+        frames, height, width = latent_shape
+        if kv_cache is not None:
+            k_cache, v_cache = (
+                c.to(device=x.device, dtype=x.dtype).expand(batch, -1, -1, -1) for c in kv_cache
+            )
+            cache_frames = k_cache.shape[2] // (height * width)
+            k, v = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+            angles = rope_angles(self.head_dim, (cache_frames + frames, height, width))
+            q = apply_rope(q, angles[cache_frames * height * width :])
+            k = apply_rope(k, angles)
+            if settings.backend == "bsa":
+                raise ValueError("the KV-cache path runs dense attention only; use attention backend 'sdpa'")
+            out = dense_attention(q, k, v, settings.backend)
+        else:
+            angles = rope_angles(self.head_dim, latent_shape)
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+            out = self_attention(
+                q, k, v, num_cond_tokens=num_cond_tokens, latent_shape=latent_shape, settings=settings
+            )
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)), new_kv
+
+
+class CrossAttention(nn.Module):
+    """Video-to-text attention with per-sample text lengths and no RoPE (§2.7)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.q_norm = RMSNormFp32(self.head_dim)
+        self.k_norm = RMSNormFp32(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, text: Tensor, text_lengths: list[int], backend: str) -> Tensor:
+        """x [B, N', C]; text [ΣL_b, C] packed over the batch; sample b attends only to its L_b tokens."""
+        batch, tokens, dim = x.shape
+        q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim)).transpose(1, 2)
+        # kv of the packed text in one matmul, as the official model does (§2.12 rule 7).
+        kv = self.kv_linear(text).view(-1, 2, self.num_heads, self.head_dim)
+        k, v = self.k_norm(kv[:, 0]), kv[:, 1]  # [ΣL, nh, hd]
+        longest = max(text_lengths)
+        mask = None
+        if all(length == longest for length in text_lengths):
+            k = k.view(batch, longest, self.num_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, longest, self.num_heads, self.head_dim).transpose(1, 2)
+        else:
+            k, v, mask = _pad_packed(k, v, text_lengths)
+        out = dense_attention(q, k, v, "sdpa" if backend == "bsa" else backend, mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def _pad_packed(k: Tensor, v: Tensor, lengths: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed [ΣL, nh, hd] keys/values -> padded [B, nh, Lmax, hd] and a key mask [B, 1, 1, Lmax]."""
+    longest = max(lengths)
+    keys = torch.nn.utils.rnn.pad_sequence(list(k.split(lengths)), batch_first=True)
+    values = torch.nn.utils.rnn.pad_sequence(list(v.split(lengths)), batch_first=True)
+    positions = torch.arange(longest, device=k.device)
+    mask = positions[None, :] < torch.tensor(lengths, device=k.device)[:, None]  # [B, Lmax]
+    return keys.transpose(1, 2), values.transpose(1, 2), mask[:, None, None, :]

@@ -1,0 +1,90 @@
+"""Block-sparse attention kernel vs the dense fp32 reference, at tiny sizes (Triton interpreter on CPU)."""
+
+import pytest
+import torch
+from bsa_checks import assert_matches_reference, random_qkv, relative_error
+
+from longcat_dist.kernels import block_sparse_attention, reference_block_sparse_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize(
+    "batch, heads, head_dim, latent_shape, dtype, kwargs",
+    [
+        # Ragged grid (no axis a multiple of 4), no cond, two heads.
+        (1, 2, 32, (5, 6, 7), BF16, dict(sparsity=0.5)),
+        # One cond frame: cond and noise frames chunked separately; B > 1.
+        (2, 1, 32, (5, 6, 7), FP16, dict(num_cond_latents=1, sparsity=0.5)),
+        # Two cond frames, ragged time on both sides of the split, head dim 64.
+        (1, 2, 64, (7, 5, 4), BF16, dict(num_cond_latents=2, sparsity=0.6)),
+        # Head dim 128, full blocks, force_diagonal.
+        (1, 1, 128, (4, 4, 8), BF16, dict(num_cond_latents=1, sparsity=0.5, force_diagonal=True)),
+        # A non-cubic chunk (32-token blocks).
+        (1, 2, 32, (6, 6, 5), FP16, dict(num_cond_latents=1, sparsity=0.7, chunk_shape=(2, 4, 4))),
+    ],
+)
+def test_forward_and_gradients_match_reference(batch, heads, head_dim, latent_shape, dtype, kwargs):
+    assert_matches_reference(batch, heads, head_dim, latent_shape, dtype, DEVICE, **kwargs)
+
+
+def test_few_key_blocks_never_give_zeros():
+    # 4 blocks, 2 of them cond: the official rule int(0.0625 * Nk) keeps 0 blocks and returns zeros.
+    out = assert_matches_reference(1, 2, 32, (5, 8, 4), FP16, DEVICE, num_cond_latents=1, sparsity=0.9375)
+    assert (out.float().norm(dim=-1) > 0).all()
+
+
+def test_force_diagonal_changes_the_result_when_the_diagonal_is_not_picked():
+    latent_shape = (4, 8, 8)  # 4 blocks, 1 kept per q-block
+    q, k, v = random_qkv(1, 4, 256, 32, BF16, DEVICE, seed=3)
+    kw = dict(latent_shape=latent_shape, sparsity=0.75)
+    plain = block_sparse_attention(q, k, v, **kw)
+    diag = block_sparse_attention(q, k, v, force_diagonal=True, **kw)
+    want = reference_block_sparse_attention(q.float(), k.float(), v.float(), force_diagonal=True, **kw)
+    assert relative_error(diag, want) < 2e-2
+    # With 4 heads x 4 q-blocks picking 1 of 4 blocks at random, some pick is off the diagonal.
+    assert relative_error(plain, diag) > 0.1
+
+
+def test_strided_inputs_from_a_packed_qkv_projection():
+    """q, k, v as the model makes them: views of one [B, N, 3, nh, hd] tensor, not contiguous."""
+    batch, heads, head_dim, latent_shape = 1, 2, 32, (3, 6, 5)
+    num_tokens = 90
+    qkv = torch.randn(batch, num_tokens, 3, heads, head_dim, generator=torch.Generator().manual_seed(5))
+    qkv = qkv.to(DEVICE, BF16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, N, hd], strided
+    assert not q.is_contiguous()
+    kw = dict(latent_shape=latent_shape, num_cond_latents=1, sparsity=0.5)
+    got = block_sparse_attention(q, k, v, **kw)
+    want = reference_block_sparse_attention(q.float(), k.float(), v.float(), **kw)
+    assert relative_error(got, want) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(latent_shape=(4, 4, 5)), "latent_shape"),
+        (dict(latent_shape=(4, 4)), "latent_shape"),
+        (dict(chunk_shape=(3, 4, 4)), "chunk_shape"),
+        (dict(chunk_shape=(8, 8, 8)), "chunk_shape"),
+        (dict(num_cond_latents=5), "num_cond_latents"),
+        (dict(sparsity=1.0), "sparsity"),
+    ],
+)
+def test_bad_arguments_name_the_problem(change, message):
+    q, k, v = random_qkv(1, 1, 64, 32, BF16, DEVICE)
+    kw = dict(latent_shape=(4, 4, 4)) | change
+    with pytest.raises(ValueError, match=message):
+        block_sparse_attention(q, k, v, **kw)
+
+
+def test_bad_tensors_name_the_problem():
+    q, k, v = random_qkv(1, 1, 64, 32, BF16, DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        block_sparse_attention(q.float(), k.float(), v.float(), latent_shape=(4, 4, 4))
+    with pytest.raises(ValueError, match="v has shape"):
+        block_sparse_attention(q, k, v[:, :, :32], latent_shape=(4, 4, 4))
+    q48, k48, v48 = random_qkv(1, 1, 64, 48, BF16, DEVICE)
+    with pytest.raises(ValueError, match="head_dim=48"):
+        block_sparse_attention(q48, k48, v48, latent_shape=(4, 4, 4))

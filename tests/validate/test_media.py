@@ -1,0 +1,106 @@
+"""MP4 files, contact sheets, TensorBoard summaries and the HTML gallery, read back independently."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from longcat_dist.validate.gallery import METRICS_FILE, step_dir, write_gallery
+from longcat_dist.validate.media import (
+    contact_row,
+    contact_sheet,
+    frames_to_uint8,
+    pick_frames,
+    write_mp4,
+)
+from longcat_dist.validate.summaries import ValidationSummaries
+
+
+def _moving_square(frames=9, height=32, width=48):
+    video = torch.full((3, frames, height, width), -1.0)
+    for f in range(frames):
+        video[:, f, 8:16, 4 * f : 4 * f + 8] = 1.0
+    return video
+
+
+def test_frames_to_uint8_maps_the_pixel_range():
+    pixels = frames_to_uint8(torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 4).expand(3, 1, 1, 4))
+    assert pixels.shape == (1, 1, 4, 3) and pixels.dtype == np.uint8
+    assert pixels[0, 0, :, 0].tolist() == [0, 128, 255, 255]
+
+
+def test_mp4_opens_with_pyav_with_the_right_frame_count_and_size(tmp_path):
+    frames = frames_to_uint8(_moving_square())
+    path = write_mp4(frames, tmp_path / "clip.mp4", fps=15)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    assert len(decoded) == 9
+    assert decoded[0].shape == (32, 48, 3)
+    # Lossy, but the square must be where we drew it.
+    assert decoded[4][12, 20].mean() > 200 and decoded[4][12, 40].mean() < 60
+
+
+def test_mp4_rejects_odd_sizes_with_the_path(tmp_path):
+    with pytest.raises(ValueError, match="odd.mp4.*even"):
+        write_mp4(np.zeros((2, 31, 48, 3), np.uint8), tmp_path / "odd.mp4")
+
+
+def test_pick_frames_spans_first_to_last():
+    assert pick_frames(93, 4) == [0, 31, 61, 92]
+    assert pick_frames(3, 4) == [0, 1, 2]
+
+
+def test_contact_sheet_holds_start_generated_and_truth(tmp_path):
+    frames = frames_to_uint8(_moving_square())
+    row = contact_row(frames[0], frames, frames, count=4)
+    rows = contact_sheet([row, contact_row(frames[0], frames, None, count=4)])
+    # 1 start + 4 generated + 4 truth tiles of 48 px plus gaps; two rows.
+    assert row.width == 9 * (48 + 4) and rows.height > 2 * 32
+    rows.save(tmp_path / "sheet.png")
+    assert Image.open(tmp_path / "sheet.png").size == rows.size
+
+
+def test_tensorboard_summaries_read_back(tmp_path):
+    summaries = ValidationSummaries(tmp_path / "tb")
+    frames = frames_to_uint8(_moving_square())
+    summaries.scalars(7, {"validation/latent_mse": 0.25})
+    summaries.video(7, "validation/video/a", frames)
+    summaries.image(7, "validation/contact_sheet", Image.fromarray(frames[0]))
+    summaries.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert events.Scalars("validation/latent_mse")[0].value == pytest.approx(0.25)
+    video = events.Images("validation/video/a")[0]
+    assert video.step == 7 and video.encoded_image_string[:6] == b"GIF89a"
+    assert events.Images("validation/contact_sheet")[0].encoded_image_string[:4] == b"\x89PNG"
+
+
+def _fake_step(output_dir, step, keys):
+    folder = step_dir(output_dir, step)
+    folder.mkdir(parents=True)
+    samples = []
+    for key in keys:
+        (folder / f"{key}.mp4").write_bytes(b"")
+        samples.append({"key": key, "caption": f"a <b>{key}</b>", "video": f"{key}.mp4", "latent_mse": 0.5})
+    (folder / METRICS_FILE).write_text(json.dumps({"step": step, "samples": samples}))
+
+
+def test_gallery_shows_every_step_side_by_side_with_relative_links(tmp_path):
+    _fake_step(tmp_path, 10, ["s0", "s1"])
+    _fake_step(tmp_path, 20, ["s0", "s1"])
+    failed = step_dir(tmp_path, 30)
+    failed.mkdir(parents=True)
+    (failed / "error.txt").write_text("Traceback ...")
+    page = write_gallery(tmp_path).read_text()
+    assert page.count("<video") == 4
+    assert 'src="validation/step_0000010/s0.mp4"' in page and 'src="validation/step_0000020/s1.mp4"' in page
+    assert str(tmp_path) not in page, "links must be relative"
+    assert "a &lt;b&gt;s0&lt;/b&gt;" in page, "captions must be escaped"
+    assert "Failed validation steps (see error.txt): 30" in page
+    assert page.index("step 10") < page.index("step 20")
