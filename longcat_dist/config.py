@@ -19,6 +19,7 @@ from longcat_dist.config_values import (
     check_resolution,
     coerce,
     read_json_file,
+    resolve_relative,
     suggest,
 )
 
@@ -301,7 +302,7 @@ def _value(key: str, entry: _Entry, notes: list[str]) -> Any:
             where, key, value, err.rule, f"SimpleTuner spellings also work: {spellings}"
         ) from None
     if isinstance(converted, Path):
-        converted = (entry.base / converted.expanduser()).resolve()
+        converted = resolve_relative(converted, entry.base)
         return str(converted) if key == "storage_path" else converted
     return converted
 

@@ -16,6 +16,7 @@ from longcat_dist.config_values import (
     check_range,
     coerce,
     read_json_file,
+    resolve_relative,
     suggest,
 )
 
@@ -110,7 +111,7 @@ def _is_i2v(entry: dict, video: dict, where: Path, label: str) -> bool:
 def _path(value: Any, base: Path, where: Path, key: str) -> Path | None:
     """Coerce an optional path and resolve it against `base` when relative."""
     path = coerce(value, Path | None, where, key)
-    return None if path is None else (base / path.expanduser()).resolve()
+    return None if path is None else resolve_relative(path, base)
 
 
 def _parse_dataset(index: int, entry: Any, where: Path) -> DatasetConfig:

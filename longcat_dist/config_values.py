@@ -59,6 +59,18 @@ def read_json_file(path: Path, what: str) -> Any:
         raise ConfigError(path, "", NO_VALUE, rule, hint) from None
 
 
+def resolve_relative(path: Path, base: Path) -> Path:
+    """A relative path is read from `base` (the naming file's directory); where it exists only under the working
+    directory (SimpleTuner's convention, e.g. "config/multidatabackend.json" run from the project root), from there."""
+    path = path.expanduser()
+    if path.is_absolute():
+        return path.resolve()
+    beside = base / path
+    if not beside.exists() and (Path.cwd() / path).exists():
+        return (Path.cwd() / path).resolve()
+    return beside.resolve()
+
+
 def suggest(key: str, known: Iterable[str]) -> str:
     """A 'did you mean' hint naming the closest known key, or an empty string."""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)

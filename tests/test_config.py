@@ -78,6 +78,18 @@ def test_relative_paths_resolve_against_the_config_files_directory(tmp_path: Pat
     assert cfg.storage_path == str(cfg.output_dir / "ray")
 
 
+def test_simpletuner_layout_reads_paths_from_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SimpleTuner keeps config.json in config/ and names "config/multidatabackend.json" relative to the project root.
+    path = write_config(tmp_path)
+    moved = tmp_path / "config" / "config.json"
+    path.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(moved)
+    assert cfg.data_backend_config == (tmp_path / "config/multidatabackend.json").resolve()
+
+
 def test_eval_dataset_is_held_out_of_training(tmp_path: Path) -> None:
     cfg = load_config(write_config(tmp_path))
     assert [ds.id for ds in cfg.train_datasets] == ["clips"]
@@ -385,9 +397,7 @@ def test_bucket_rule_as_a_property(h: int, w: int, alignment: int) -> None:
 def test_every_short_side_on_16_with_a_long_side_on_the_grid_is_a_bucket(
     short: int, k: int, alignment: int
 ) -> None:
-    long_side = (
-        max(short, k * alignment) if short % alignment == 0 else short + k * alignment - short % alignment
-    )
+    long_side = (short // alignment + k) * alignment  # the k-th grid value above the short side
     check_resolution(short, long_side, "k", alignment)
     check_resolution(long_side, short, "k", alignment)
 

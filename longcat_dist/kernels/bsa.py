@@ -80,7 +80,8 @@ def block_sparse_attention(
             f"block_sparse_attention: q is on {q.device}; the Triton kernel needs CUDA, or TRITON_INTERPRET=1 set "
             "before longcat_dist is imported (tiny CPU tests). reference_block_sparse_attention runs anywhere."
         )
-    # The kernels index rows through strides but need each row's head_dim contiguous.
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    # Contiguous inputs: the backward allocates dq/dk/dv like q/k/v and addresses them with the inputs' strides,
+    # so a strided view (v sliced out of the fused qkv projection) would send the gradient writes out of bounds.
+    q, k, v = (x.contiguous() for x in (q, k, v))
     selection = select_blocks_on_grid(q.detach(), k.detach(), grid, sparsity, force_diagonal)
     return _BlockSparseAttention.apply(q, k, v, grid, selection)

@@ -4,7 +4,7 @@ Backends compute the same attention except `bsa`, the block-sparse approximation
   sdpa      torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels on GPU, maths on CPU)
   xformers  xformers.ops.memory_efficient_attention, when installed
   bsa       longcat_dist.kernels.block_sparse_attention (Triton); used for grids with more than one latent frame
-  auto      sdpa
+  auto      bsa for video on CUDA in bf16/fp16 with a head dim the kernel supports, sdpa otherwise
 A backend that was asked for by name and cannot run here is an error, never a silent fallback.
 """
 
@@ -33,9 +33,9 @@ class BSAParams:
 
 @dataclass(frozen=True)
 class AttentionSettings:
-    """The resolved backend (never "auto") and its BSA parameters."""
+    """The backend (auto | sdpa | xformers | bsa) and its BSA parameters."""
 
-    backend: str = "sdpa"
+    backend: str = "auto"
     bsa: BSAParams = BSAParams()
 
 
@@ -43,8 +43,6 @@ def resolve_backend(name: str, bsa: BSAParams | None = None) -> AttentionSetting
     """Check that a backend can run in this process and return its settings."""
     if name not in BACKENDS:
         raise ValueError(f"attention_implementation={name!r} is unknown; use one of {list(BACKENDS)}")
-    if name == "auto":
-        return AttentionSettings("sdpa")
     if name == "xformers" and importlib.util.find_spec("xformers") is None:
         raise ValueError(
             "attention_implementation='xformers' was requested but the xformers package is not installed; "
@@ -77,6 +75,17 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, mask: Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def _use_bsa(q: Tensor, frames: int, backend: str) -> bool:
+    """Whether this call runs block-sparse: always for "bsa" video, for "auto" where the kernel applies."""
+    if frames <= 1 or backend not in ("bsa", "auto"):
+        return False
+    if backend == "bsa":
+        return True
+    from longcat_dist.kernels.bsa_select import KERNEL_DTYPES, KERNEL_HEAD_DIMS
+
+    return q.is_cuda and q.dtype in KERNEL_DTYPES and q.shape[-1] in KERNEL_HEAD_DIMS
+
+
 def self_attention(
     q: Tensor,
     k: Tensor,
@@ -91,7 +100,7 @@ def self_attention(
     q, k, v [B, nh, N, hd] with RoPE applied; latent_shape (T, Hp, Wp) of the N tokens.
     """
     frames, height, width = latent_shape
-    if settings.backend == "bsa" and frames > 1:
+    if _use_bsa(q, frames, settings.backend):
         from longcat_dist.kernels import block_sparse_attention
 
         return block_sparse_attention(
@@ -103,7 +112,7 @@ def self_attention(
             sparsity=settings.bsa.sparsity,
             chunk_shape=settings.bsa.chunk_shape,
         )
-    backend = "sdpa" if settings.backend == "bsa" else settings.backend
+    backend = "xformers" if settings.backend == "xformers" else "sdpa"
     if num_cond_tokens == 0:
         return dense_attention(q, k, v, backend)
     m = num_cond_tokens
@@ -153,7 +162,7 @@ class SelfAttention(nn.Module):
             k = apply_rope(k, angles)
             if settings.backend == "bsa":
                 raise ValueError("the KV-cache path runs dense attention only; use attention backend 'sdpa'")
-            out = dense_attention(q, k, v, settings.backend)
+            out = dense_attention(q, k, v, "xformers" if settings.backend == "xformers" else "sdpa")
         else:
             angles = rope_angles(self.head_dim, latent_shape)
             q, k = apply_rope(q, angles), apply_rope(k, angles)
@@ -190,7 +199,7 @@ class CrossAttention(nn.Module):
             v = v.view(batch, longest, self.num_heads, self.head_dim).transpose(1, 2)
         else:
             k, v, mask = _pad_packed(k, v, text_lengths)
-        out = dense_attention(q, k, v, "sdpa" if backend == "bsa" else backend, mask)
+        out = dense_attention(q, k, v, "xformers" if backend == "xformers" else "sdpa", mask)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 

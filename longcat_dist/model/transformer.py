@@ -191,7 +191,10 @@ class LongCatVideoTransformer3DModel(nn.Module):
         return self.x_embedder.proj.weight.dtype
 
     def set_attention_backend(self, name: str, bsa: BSAParams | None = None) -> None:
-        """Pick the self-attention backend: auto | sdpa | xformers | bsa (errors if it cannot run here)."""
+        """Pick the self-attention backend: auto | sdpa | xformers | bsa (errors if it cannot run here).
+
+        auto (the default) runs block-sparse attention for video on CUDA and dense SDPA elsewhere.
+        """
         self.attention = resolve_backend(name, bsa)
 
     def enable_gradient_checkpointing(self, interval: int = 1) -> None:

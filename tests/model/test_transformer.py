@@ -284,4 +284,4 @@ def test_backend_requested_by_name_must_be_available():
         with pytest.raises(ValueError, match="xformers package is not installed"):
             model.set_attention_backend("xformers")
     model.set_attention_backend("auto")
-    assert model.attention.backend == "sdpa"
+    assert model.attention.backend == "auto"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of the device machine in one call (see docs/PERFORMANCE.md for how to run it):
+#   source .whl/activate.sh && bash bench/device_suite.sh "$OUT" [parts...]
+# parts: tests attention linear step (default: all). Each part has its own time limit so one slow part
+# cannot starve the others; every log lands in the output folder.
+set -u
+out=${1:?output folder}; shift
+parts=${*:-tests attention linear step}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+for part in $parts; do
+  start=$(date +%s)
+  case $part in
+    tests) { timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/model
+             timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_bsa.py; } > "$out/tests.txt" 2>&1 ;;
+    attention) timeout 150 python3 bench/attention.py --shapes train,704x24 --out "$out" > "$out/attention.txt" 2>&1 ;;
+    linear) timeout 120 python3 bench/linear.py --parts --json "$out/linear.json" > "$out/linear.txt" 2>&1 ;;
+    step) timeout 240 python3 bench/step.py --json "$out/step.json" > "$out/step.txt" 2>&1 ;;
+    *) echo "unknown part $part" ;;
+  esac
+  echo "== $part: exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/gpu.txt"
+  tail -25 "$out/$part.txt"
+done

@@ -1,0 +1,167 @@
+"""One LoRA training step of the production-width DiT on one GPU: seconds per step and peak memory by config.
+
+    python bench/step.py                                  # 93x480x832, depths 2 and 4, all four rows
+    python bench/step.py --rows bsa-fp8 --depths 4,8 --steps 5
+    python bench/step.py --device cpu --tiny --rows sdpa-bf16 --depths 1,2 --latent 3,8,8   # CPU smoke run
+
+Random weights, built on meta and materialised block by block on the GPU (quantized as it goes for fp8/int8). LoRA
+r=8 on the default targets, gradient checkpointing on every block, AdamW on the LoRA parameters, the flow-matching
+step of longcat_dist.flow with one cond frame. The step is timed at two depths; the per-block cost is their difference,
+and the full 48-block model is extrapolated as t(48) = t(d1) + (48 - d1)·per_block (memory likewise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from longcat_dist.flow import flow_target, frame_timesteps, noise_frame_loss, noise_latents  # noqa: E402
+from longcat_dist.model.attention import BSAParams  # noqa: E402
+from longcat_dist.model.lora import inject_lora  # noqa: E402
+from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel  # noqa: E402
+
+ROWS = {  # name: (attention backend, base precision)
+    "sdpa-bf16": ("sdpa", "bf16"),
+    "sdpa-fp8": ("sdpa", "fp8"),
+    "bsa-bf16": ("bsa", "bf16"),
+    "bsa-fp8": ("bsa", "fp8"),
+}
+FULL_DEPTH = 48
+TEXT_TOKENS, VALID_TEXT = 512, 120
+TINY = dict(
+    hidden_size=64, num_heads=2, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=64
+)
+
+
+def build_model(depth: int, precision: str, device: torch.device, tiny: bool) -> nn.Module:
+    """Random-weight DiT materialised one module at a time, quantized on the way when asked."""
+    from longcat_dist.model.quant import quantize_linear
+
+    config = DiTConfig(depth=depth, **(TINY if tiny else {}))
+    with torch.device("meta"):
+        model = LongCatVideoTransformer3DModel(config).to(torch.bfloat16)
+    generator = torch.Generator(device).manual_seed(0)
+    for prefix, module in [
+        *((f"blocks.{i}", b) for i, b in enumerate(model.blocks)),
+        *model.named_children(),
+    ]:
+        if prefix == "blocks":
+            continue
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+        if precision != "bf16":
+            for name, child in list(module.named_modules()):
+                for child_name, linear in list(child.named_children()):
+                    if isinstance(linear, nn.Linear):
+                        full = ".".join(p for p in (prefix, name, child_name) if p)
+                        setattr(child, child_name, quantize_linear(full, linear, precision))
+    return model
+
+
+def run_row(args, backend: str, precision: str, depth: int) -> dict:
+    device = torch.device(args.device)
+    model = build_model(depth, precision, device, args.tiny)
+    model.requires_grad_(False)
+    inject_lora(model, rank=8, alpha=8, targets=("qkv", "proj", "q_linear", "kv_linear"))
+    model.set_attention_backend(backend, BSAParams() if backend == "bsa" else None)
+    model.enable_gradient_checkpointing(1)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    frames, height, width = args.latent
+    text_dim = model.config.caption_channels
+    gen = torch.Generator(device).manual_seed(1)
+    video = torch.randn(1, 16, frames, height, width, device=device, generator=gen).to(torch.bfloat16)
+    text = torch.randn(1, 1, TEXT_TOKENS, text_dim, device=device, generator=gen).to(torch.bfloat16)
+    mask = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=device)
+    mask[:, :VALID_TEXT] = 1
+
+    def step() -> float:
+        noise = torch.randn(video.shape, device=device, generator=gen)
+        sigmas = torch.rand(1, device=device, generator=gen)
+        noisy = noise_latents(video, video[:, :, :1], sigmas, noise)
+        timesteps = frame_timesteps(sigmas, frames, 1)
+        pred = model(noisy, timesteps, text, mask, num_cond_latents=1)
+        loss = noise_frame_loss(pred, flow_target(video, noise), 1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"depth": depth, "seconds": statistics.median(times), "peak_gib": peak, "loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    parser.add_argument("--depths", default="2,4", help="two depths; the per-block cost is their difference")
+    parser.add_argument("--latent", default="24,60,104", help="latent T,H,W (93x480x832 -> 24,60,104)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test width (CPU smoke runs)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    args.latent = tuple(int(v) for v in args.latent.split(","))
+    low, high = (int(d) for d in args.depths.split(","))
+    results = []
+    print(
+        f"latent {args.latent}, LoRA r=8, checkpointing every block; t(48) extrapolated from depths {low},{high}"
+    )
+    print(
+        f"{'row':<10} {'t(d1) s':>8} {'t(d2) s':>8} {'s/block':>8} {'t(48) s':>8} {'GiB(d2)':>8} {'GiB(48)':>8}"
+    )
+    for name in args.rows.split(","):
+        backend, precision = ROWS[name]
+        a = run_row(args, backend, precision, low)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        b = run_row(args, backend, precision, high)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        per_block = (b["seconds"] - a["seconds"]) / (high - low)
+        mem_block = (b["peak_gib"] - a["peak_gib"]) / (high - low)
+        full = a["seconds"] + (FULL_DEPTH - low) * per_block
+        full_mem = a["peak_gib"] + (FULL_DEPTH - low) * mem_block
+        row = {
+            "row": name,
+            "low": a,
+            "high": b,
+            "per_block_s": per_block,
+            "full_s": full,
+            "full_gib": full_mem,
+        }
+        results.append(row)
+        print(f"{name:<10} {a['seconds']:8.3f} {b['seconds']:8.3f} {per_block:8.4f} {full:8.2f} "
+              f"{b['peak_gib']:8.2f} {full_mem:8.2f}", flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
