@@ -1,0 +1,141 @@
+"""`python -m launch.train --config configs/<x>.json [--set key=value ...]`: one Ray Train job of LoRA training.
+
+Runs the same on a laptop (a local Ray instance is started) and on a cluster (`ray job submit --working-dir . --
+python -m launch.train ...`, see docs/TRAINING.md). Rerunning the same command resumes from the newest checkpoint
+under storage_path/experiment_name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from longcat_dist.config import ConfigError, TrainConfig, load_config
+
+logger = logging.getLogger("launch.train")
+
+JOB_NAMESPACE = "longcat-dist"  # the validation actor is looked up in the job's namespace
+MAX_WORKER_FAILURES = 3  # worker-group restarts from the latest checkpoint before the job fails
+VALIDATION_FINISH_TIMEOUT_S = 3600.0
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["lr=1e-4", "tiny_model=true"] -> {"lr": 0.0001, "tiny_model": True}; values are JSON, else strings."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value, e.g. --set max_train_steps=100")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Resolve the driver-relative paths: workers may run in another working directory."""
+    storage = cfg.storage_path
+    if storage is not None and "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    logging_dir = Path(cfg.logging_dir).resolve() if cfg.logging_dir else None
+    return dataclasses.replace(
+        cfg, output_dir=Path(cfg.output_dir).resolve(), logging_dir=logging_dir, storage_path=storage
+    )
+
+
+def build_trainer(cfg: TrainConfig, *, test_knobs: dict | None = None):
+    """The TorchTrainer of one run: scaling, run and failure config from the TrainConfig."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from longcat_dist.train.worker import train_loop_per_worker
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
+    # DeepSpeed picks its accelerator from the environment; CPU workers need it set before it is imported.
+    env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    resume = None
+    if cfg.resume_from_checkpoint not in (None, "latest"):
+        resume = ray.train.Checkpoint(str(cfg.resume_from_checkpoint))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, **(test_knobs or {})},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.experiment_name,
+            storage_path=cfg.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoints_total_limit),
+            failure_config=ray.train.FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            worker_runtime_env={"env_vars": env},
+        ),
+        resume_from_checkpoint=resume,
+    )
+
+
+def _start_validation(cfg: TrainConfig):
+    try:
+        from longcat_dist.validate.actor import start_validation_actor
+    except ImportError:
+        logger.info("longcat_dist.validate.actor is not available: no validation")
+        return None
+    return start_validation_actor(cfg)
+
+
+def _finish_validation(actor, cfg: TrainConfig, final_step: int) -> None:
+    """Let the actor validate the final LoRA; its failure is reported, never fatal to the finished training."""
+    import ray
+
+    final_lora = Path(cfg.output_dir) / "lora.safetensors"
+    try:
+        ray.get(actor.finish.remote(final_step, str(final_lora)), timeout=VALIDATION_FINISH_TIMEOUT_S)
+    except Exception as err:  # a validation failure must not turn a finished training into a failed job
+        logger.error("validation of the final LoRA failed: %s", err)
+
+
+def run_training(cfg: TrainConfig, *, test_knobs: dict | None = None):
+    """Train on the current Ray cluster (ray.init first) and return Ray's Result."""
+    cfg = absolute_paths(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    actor = _start_validation(cfg)
+    result = build_trainer(cfg, test_knobs=test_knobs).fit()
+    final_step = int((result.metrics or {}).get("step", 0)) if result.metrics else 0
+    if actor is not None:
+        _finish_validation(actor, cfg, final_step)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry."""
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="config.json (quickstart style)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    parser.add_argument("--verbose", action="store_true", help="log at INFO level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import ray
+
+    # Inside `ray job submit` this joins the job's cluster; on a laptop it starts a local instance.
+    ray.init(namespace=JOB_NAMESPACE, ignore_reinit_error=True, log_to_driver=args.verbose)
+    result = run_training(cfg)
+    print(f"training finished: {result.metrics}; LoRA in {Path(cfg.output_dir).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The per-worker training loop that Ray Train runs on every rank: model, engine, stream, step, checkpoint, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from longcat_dist.config import TrainConfig
+from longcat_dist.data import stream
+from longcat_dist.model import lora
+from longcat_dist.train import checkpoint
+from longcat_dist.train import engine as ds
+from longcat_dist.train.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
+from longcat_dist.train.step import FlowSettings, flow_loss
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_ACTOR = "longcat-validation"
+LORA_NAME = "lora.safetensors"  # PEFT/diffusers keys
+OFFICIAL_LORA_NAME = "lora_official.safetensors"  # LongCat-Video's own format (spec §7)
+TINY_DIT = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32,
+                frequency_embedding_size=64)  # fmt: skip
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The DiT (tiny random or pretrained, quantized when asked) with LoRA; base frozen, LoRA fp32."""
+    from longcat_dist.model.attention import BSAParams
+    from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel
+
+    # bf16 base on GPU; on CPU fp32, since the CPU bf16 kernels are slow and DeepSpeed runs fp32 there.
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision != "fp32" else torch.float32
+    transform = None
+    if cfg.base_model_precision != "bf16":
+        from longcat_dist.model.quant import check_zero_stage, quantize_linear
+
+        check_zero_stage(cfg.base_model_precision, cfg.zero_stage)
+        transform = partial(quantize_linear, precision=cfg.base_model_precision)
+    if cfg.tiny_model:
+        torch.manual_seed(cfg.seed)  # the same random base on every rank and every restart
+        model = LongCatVideoTransformer3DModel(DiTConfig(**TINY_DIT)).to(device, dtype)
+        if transform is not None:
+            from longcat_dist.model.quant import quantize_model
+
+            model = quantize_model(model, cfg.base_model_precision)
+    else:
+        model = LongCatVideoTransformer3DModel.from_pretrained(
+            cfg.pretrained_model_name_or_path, dtype=dtype, device=device, linear_transform=transform
+        )
+    model.set_attention_backend(
+        cfg.attention_implementation, BSAParams(cfg.bsa_sparsity, tuple(cfg.bsa_chunk_shape))
+    )
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing(cfg.gradient_checkpointing_interval)
+    torch.manual_seed(cfg.seed + 1)  # LoRA A init: identical on every rank
+    lora.inject_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                     dropout=cfg.lora_dropout)  # fmt: skip
+    return model.train()
+
+
+def open_datasets(cfg: TrainConfig) -> tuple[list[stream.ShardSource], stream.ShardDecoder, dict]:
+    """Shard sources, the decoder and the empty-prompt embedding of every training dataset."""
+    sources, manifests, null_texts = [], [], {}
+    for ds_cfg in cfg.train_datasets:
+        root = str(ds_cfg.cache_dir_vae)
+        manifest = stream.read_manifest(root)
+        manifests.append(manifest)
+        sources += stream.dataset_sources(root, manifest)
+        null_texts[manifest.dataset_id] = stream.read_null_text(root)
+    if not sources:
+        raise ValueError("no training dataset with shards: set cache_dir_vae on a video dataset")
+    return sources, stream.ShardDecoder(manifests), null_texts
+
+
+def engine_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the TrainConfig."""
+    return ds.deepspeed_config(
+        cfg.deepspeed_config, zero_stage=cfg.zero_stage, micro_batch_size=cfg.train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, world_size=world_size,
+        max_grad_norm=cfg.max_grad_norm, learning_rate=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay,
+    )  # fmt: skip
+
+
+def total_optimizer_steps(cfg: TrainConfig, micro_steps_per_epoch: int) -> int:
+    """max_train_steps when set, else the optimizer steps of num_train_epochs epochs."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
+    return max(1, cfg.num_train_epochs * micro_steps_per_epoch // cfg.gradient_accumulation_steps)
+
+
+@dataclass
+class RunState:
+    """Counters that survive a restart (saved as JSON in every checkpoint)."""
+
+    global_step: int = 0
+    optimizer_steps: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    nonfinite_total: int = 0
+    layout: dict[str, int] = field(default_factory=dict)  # world_size, num_workers, batch_size, seed
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dict(self.__dict__)
+
+
+def _resume(engine, model: nn.Module, layout: dict[str, int]) -> RunState:
+    """The run state from Ray's latest checkpoint (restored into the engine), or a fresh one."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return RunState(layout=layout)
+    with ckpt.as_directory() as directory:
+        meta = checkpoint.restore_train_state(engine, model, directory)
+    state = RunState(**meta["run"])
+    if state.layout != layout:
+        # The data plan depends on the layout: the old position means nothing in the new plan.
+        logger.warning("data layout changed %s -> %s: epoch %d restarts from its first step",
+                       state.layout, layout, state.epoch)  # fmt: skip
+        state.step_in_epoch, state.layout = 0, layout
+    logger.info(
+        "resumed at step %d (epoch %d, micro-step %d)", state.global_step, state.epoch, state.step_in_epoch
+    )
+    return state
+
+
+def _save(engine, model: nn.Module, state: RunState, rank: int, metrics: dict) -> None:
+    """Gather the state on every rank; rank 0 writes it and hands it to Ray, the others report metrics only."""
+    import ray.train
+
+    tensors = checkpoint.gather_train_state(engine, model)
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "state"
+        meta = {"run": state.to_json(), "optimizer_steps": checkpoint.optimizer_step_count(engine)}
+        checkpoint.save_train_state(directory, tensors, meta)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")  # fmt: skip
+
+
+def _export(model: nn.Module, cfg: TrainConfig, directory: Path, step: int, rank: int) -> Path:
+    """Write the LoRA in both formats (a collective under ZeRO-3, which must gather the weights)."""
+    from deepspeed.runtime.zero import GatheredParameters
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with GatheredParameters(params, modifier_rank=None):
+        if rank == 0:
+            base = str(cfg.pretrained_model_name_or_path or "tiny-random-dit")
+            meta = {"base_model": base, "step": step}
+            lora.export_lora(model, directory / LORA_NAME, metadata=meta)
+            lora.export_official_lora(model, directory / OFFICIAL_LORA_NAME, metadata=meta)
+    return directory / LORA_NAME
+
+
+def _submit_validation(path: Path, step: int) -> None:
+    """Hand a LoRA to the validation actor, if the job runs one; never waits for it."""
+    import ray
+
+    try:
+        actor = ray.get_actor(VALIDATION_ACTOR, namespace=ray.get_runtime_context().namespace)
+    except ValueError:
+        return  # no actor: validation is off
+    actor.submit.remote(step, str(path))
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+class _Window:
+    """Loss and timing of the micro-steps of one optimizer step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.samples = self.tokens = 0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+
+
+def _step_metrics(window: _Window, outcome: ds.StepOutcome, lr: float, world_size: int, device) -> dict:
+    """Metrics of one optimizer step; the loss is averaged over all ranks."""
+    import torch.distributed as dist
+
+    loss = torch.tensor([sum(window.losses) / max(1, len(window.losses))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+        loss /= world_size
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    return {
+        "loss": float(loss.item()),
+        "lr": lr,
+        "grad_norm": outcome.grad_norm if outcome.grad_norm is not None else float("nan"),
+        "samples_per_s": window.samples * world_size / elapsed,
+        "tokens_per_s": window.tokens * world_size / elapsed,
+        "data_wait_s": window.data_wait,
+        "step_time_s": elapsed,
+    }
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry: {"cfg": TrainConfig, "fail_once_at_step": int | None, "fail_marker": path} (tests)."""
+    import ray.train
+
+    cfg: TrainConfig = loop_config["cfg"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = _device(cfg)
+    sources, decoder, null_texts = open_datasets(cfg)
+    model = build_model(cfg, device)
+    engine = ds.build_engine(model, engine_config(cfg, world_size))
+    loader_workers = cfg.dataloader_num_workers
+    layout = {"world_size": world_size, "num_workers": loader_workers, "batch_size": cfg.train_batch_size,
+              "seed": cfg.seed}  # fmt: skip
+    state = _resume(engine, model, layout)
+    stepper = ds.GuardedStepper(engine, cfg.max_nonfinite_steps_in_row)
+    settings = FlowSettings(cfg.seed, cfg.flow_schedule_shift, cfg.timestep_sampling, cfg.timestep_logit_mean,
+                            cfg.timestep_logit_std, cfg.caption_dropout_probability)  # fmt: skip
+    log = None
+    if rank == 0:
+        tb_dir = cfg.logging_dir if cfg.report_to == "tensorboard" else None
+        log = MetricsLog(cfg.output_dir, tb_dir)
+    total = None
+    window = _Window()
+    while total is None or state.global_step < total:
+        plan, batches = stream.rank_batches(
+            sources, rank=rank, world_size=world_size, num_workers=loader_workers, batch_size=cfg.train_batch_size,
+            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=state.epoch, start_step=state.step_in_epoch,
+            decode=decoder,
+        )  # fmt: skip
+        total = total or total_optimizer_steps(cfg, plan.steps_per_rank)
+        if rank == 0 and state.step_in_epoch == 0 and plan.dropped_samples:
+            logger.info(
+                "epoch %d: %d samples dropped (incomplete batches)", state.epoch, plan.dropped_samples
+            )
+        fetch_start = time.perf_counter()
+        for batch in batches:
+            window.data_wait += time.perf_counter() - fetch_start
+            loss, tokens = flow_loss(engine, batch, epoch=state.epoch, settings=settings, null_texts=null_texts,
+                                     device=device)  # fmt: skip
+            lr = ds.lr_at(state.global_step, base_lr=cfg.learning_rate, scheduler=cfg.lr_scheduler,
+                          warmup_steps=cfg.lr_warmup_steps, total_steps=total)  # fmt: skip
+            outcome = stepper(loss, lr)
+            state.step_in_epoch += 1
+            if outcome.skipped:
+                state.nonfinite_total += 1
+            else:
+                window.losses.append(float(loss.item()))
+                window.samples += len(batch.keys)
+                window.tokens += tokens
+            if outcome.stepped:
+                state.global_step += 1
+                _after_step(
+                    cfg, engine, model, state, window, outcome, lr, rank, world_size, device, log, total
+                )
+                failure_injection(loop_config, state.global_step)
+                window = _Window()
+                if state.global_step >= total:
+                    break
+            fetch_start = time.perf_counter()
+        else:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    _finish(cfg, model, state, rank, log)
+
+
+def _after_step(cfg, engine, model, state, window, outcome, lr, rank, world_size, device, log, total) -> None:
+    """Report the step to Ray (with a checkpoint every checkpointing_steps) and hand LoRAs to validation."""
+    import ray.train
+
+    metrics = {**_step_metrics(window, outcome, lr, world_size, device), "step": state.global_step, "epoch": state.epoch,
+               "nonfinite_total": state.nonfinite_total}  # fmt: skip
+    if log is not None:
+        log.log(state.global_step, metrics)
+        if state.global_step % max(1, cfg.logging_steps) == 0:
+            logger.info("step %d/%d loss %.4f lr %.2e", state.global_step, total, metrics["loss"], lr)
+    if state.global_step % max(1, cfg.checkpointing_steps) == 0 or state.global_step >= total:
+        _save(engine, model, state, rank, metrics)
+    else:
+        ray.train.report(metrics)
+    if cfg.validation_steps and state.global_step % cfg.validation_steps == 0 and state.global_step < total:
+        directory = Path(cfg.output_dir) / "validation" / f"step-{state.global_step:07d}"
+        path = _export(model, cfg, directory, state.global_step, rank)
+        if rank == 0:
+            _submit_validation(path, state.global_step)
+
+
+def _finish(cfg: TrainConfig, model: nn.Module, state: RunState, rank: int, log: MetricsLog | None) -> None:
+    """Final LoRA files in output_dir (both formats), loss.png from the metrics."""
+    path = _export(model, cfg, Path(cfg.output_dir), state.global_step, rank)
+    if log is None:
+        return
+    log.close()
+    metrics = Path(cfg.output_dir) / METRICS_NAME
+    if metrics.is_file():
+        plot_loss(metrics, Path(cfg.output_dir) / LOSS_PLOT_NAME)
+    logger.info("done: %d steps, LoRA at %s, %d non-finite micro-steps skipped", state.global_step, path,
+                state.nonfinite_total)  # fmt: skip
+
+
+def failure_injection(loop_config: dict, step: int) -> None:
+    """Test-only: kill this worker process once at a given step, to exercise restarts."""
+    at, marker = loop_config.get("fail_once_at_step"), loop_config.get("fail_marker")
+    if at is None or step != at or marker is None or Path(marker).exists():
+        return
+    Path(marker).write_text(str(step))
+    logger.warning("fail_once_at_step=%d: this worker exits now (test knob)", step)
+    os._exit(1)
