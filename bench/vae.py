@@ -1,6 +1,6 @@
 """Encode throughput of the full-size Wan 2.1 VAE (random weights, default config) on one GPU: clips/s.
 
-Run: python -m sharding.bench_vae --frames 93 --height 480 --width 832 --repeats 3
+Run: python3 bench/vae.py --frames 93 --height 480 --width 832 --repeats 3
 Only torch and diffusers are needed, so it runs on a bare GPU image.
 """
 
