@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of the device machine in one call (see docs/PERFORMANCE.md for how to run it):
 #   source .whl/activate.sh && bash bench/device_suite.sh "$OUT" [parts...]
-# parts: tests attention linear step (default: all). Each part has its own time limit so one slow part
+# parts: tests attention linear step vae sampler (default: all). Each part has its own time limit so one slow part
 # cannot starve the others; every log lands in the output folder.
 set -u
 out=${1:?output folder}; shift
-parts=${*:-tests attention linear step}
+parts=${*:-tests attention linear step vae sampler}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -16,7 +16,10 @@ for part in $parts; do
              timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_bsa.py; } > "$out/tests.txt" 2>&1 ;;
     attention) timeout 150 python3 bench/attention.py --shapes train,704x24 --out "$out" > "$out/attention.txt" 2>&1 ;;
     linear) timeout 120 python3 bench/linear.py --parts --json "$out/linear.json" > "$out/linear.txt" 2>&1 ;;
-    step) timeout 240 python3 bench/step.py --json "$out/step.json" > "$out/step.txt" 2>&1 ;;
+    step) timeout 300 python3 bench/step.py --json "$out/step.json" \
+            --rows sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8,bsa-fp8-ckpt2,bsa-bf16-zero3 > "$out/step.txt" 2>&1 ;;
+    vae) timeout 120 python3 bench/vae.py --frames 93 --height 480 --width 832 --repeats 3 > "$out/vae.txt" 2>&1 ;;
+    sampler) timeout 180 python3 bench/sampler.py > "$out/sampler.txt" 2>&1 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/gpu.txt"

@@ -5,8 +5,9 @@
     python bench/step.py --device cpu --tiny --rows sdpa-bf16 --depths 1,2 --latent 3,8,8   # CPU smoke run
 
 Random weights, built on meta and materialised block by block on the GPU (quantized as it goes for fp8/int8). LoRA
-r=8 on the default targets, gradient checkpointing on every block, AdamW on the LoRA parameters, the flow-matching
-step of longcat_dist.flow with one cond frame. The step is timed at two depths; the per-block cost is their difference,
+r=8 on the default targets, the real DeepSpeed engine (configs/deepspeed, one process) and the real training step
+(longcat_dist.train.step.flow_loss + GuardedStepper) on synthetic batches shaped like the shards (one cond frame,
+a 120-token caption). The step is timed at two depths; the per-block cost is their difference,
 and the full 48-block model is extrapolated as t(48) = t(d1) + (48 - d1)·per_block (memory likewise).
 """
 
@@ -24,17 +25,22 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longcat_dist.flow import flow_target, frame_timesteps, noise_frame_loss, noise_latents  # noqa: E402
+from longcat_dist.data.stream import Batch  # noqa: E402
 from longcat_dist.model.attention import BSAParams  # noqa: E402
 from longcat_dist.model.lora import inject_lora  # noqa: E402
 from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel  # noqa: E402
+from longcat_dist.train.engine import GuardedStepper, build_engine, deepspeed_config  # noqa: E402
+from longcat_dist.train.step import FlowSettings, flow_loss  # noqa: E402
 
-ROWS = {  # name: (attention backend, base precision)
-    "sdpa-bf16": ("sdpa", "bf16"),
-    "sdpa-fp8": ("sdpa", "fp8"),
-    "bsa-bf16": ("bsa", "bf16"),
-    "bsa-fp8": ("bsa", "fp8"),
+ROWS = {  # name: (attention backend, base precision, ZeRO stage, activation checkpoint interval)
+    "sdpa-bf16": ("sdpa", "bf16", 2, 1),
+    "sdpa-fp8": ("sdpa", "fp8", 2, 1),
+    "bsa-bf16": ("bsa", "bf16", 2, 1),
+    "bsa-fp8": ("bsa", "fp8", 2, 1),
+    "bsa-fp8-ckpt2": ("bsa", "fp8", 2, 2),
+    "bsa-bf16-zero3": ("bsa", "bf16", 3, 1),
 }
+DEFAULT_ROWS = "sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8"
 FULL_DEPTH = 48
 TEXT_TOKENS, VALID_TEXT = 512, 120
 TINY = dict(
@@ -72,55 +78,71 @@ def build_model(depth: int, precision: str, device: torch.device, tiny: bool) ->
     return model
 
 
-def run_row(args, backend: str, precision: str, depth: int) -> dict:
+def init_process_group(device: torch.device) -> None:
+    """A one-process group for DeepSpeed (nccl on GPU, gloo on CPU)."""
+    import os
+
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def run_row(args, name: str, depth: int) -> dict:
+    backend, precision, zero_stage, interval = ROWS[name]
     device = torch.device(args.device)
     model = build_model(depth, precision, device, args.tiny)
     model.requires_grad_(False)
     inject_lora(model, rank=8, alpha=8, targets=("qkv", "proj", "q_linear", "kv_linear"))
     model.set_attention_backend(backend, BSAParams() if backend == "bsa" else None)
-    model.enable_gradient_checkpointing(1)
+    model.enable_gradient_checkpointing(interval)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    config = deepspeed_config(
+        Path(__file__).resolve().parents[1] / "configs/deepspeed/zero2.json",
+        zero_stage=zero_stage, micro_batch_size=1, gradient_accumulation_steps=1, world_size=1,
+        max_grad_norm=1.0, learning_rate=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+    )  # fmt: skip
+    engine = build_engine(model, config)
+    stepper = GuardedStepper(engine, max_nonfinite_in_row=3)
     frames, height, width = args.latent
     text_dim = model.config.caption_channels
-    gen = torch.Generator(device).manual_seed(1)
-    video = torch.randn(1, 16, frames, height, width, device=device, generator=gen).to(torch.bfloat16)
-    text = torch.randn(1, 1, TEXT_TOKENS, text_dim, device=device, generator=gen).to(torch.bfloat16)
-    mask = torch.zeros(1, TEXT_TOKENS, dtype=torch.long, device=device)
-    mask[:, :VALID_TEXT] = 1
+    gen = torch.Generator().manual_seed(1)
+    video = torch.randn(1, 16, frames, height, width, generator=gen).to(torch.bfloat16)
+    texts = [torch.randn(VALID_TEXT, text_dim, generator=gen).to(torch.bfloat16)]
+    null = {"bench": torch.zeros(1, text_dim, dtype=torch.bfloat16)}
+    settings = FlowSettings(seed=0, shift=12.0)
 
-    def step() -> float:
-        noise = torch.randn(video.shape, device=device, generator=gen)
-        sigmas = torch.rand(1, device=device, generator=gen)
-        noisy = noise_latents(video, video[:, :, :1], sigmas, noise)
-        timesteps = frame_timesteps(sigmas, frames, 1)
-        pred = model(noisy, timesteps, text, mask, num_cond_latents=1)
-        loss = noise_frame_loss(pred, flow_target(video, noise), 1)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(index: int) -> float:
+        batch = Batch([f"bench/{index}"], "bench", video, video[:, :, :1], texts)
+        loss, _ = flow_loss(engine, batch, epoch=0, settings=settings, null_texts=null, device=device)
+        stepper(loss, 1e-4)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
+    for index in range(args.warmup):
+        step(index)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(args.steps):
+    for index in range(args.steps):
         start = time.perf_counter()
-        loss = step()
+        loss = step(args.warmup + index)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    engine.destroy()
     return {"depth": depth, "seconds": statistics.median(times), "peak_gib": peak, "loss": loss}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list of {', '.join(ROWS)}")
     parser.add_argument("--depths", default="2,4", help="two depths; the per-block cost is their difference")
     parser.add_argument("--latent", default="24,60,104", help="latent T,H,W (93x480x832 -> 24,60,104)")
     parser.add_argument("--steps", type=int, default=3)
@@ -131,6 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     args.latent = tuple(int(v) for v in args.latent.split(","))
     low, high = (int(d) for d in args.depths.split(","))
+    init_process_group(torch.device(args.device))
     results = []
     print(
         f"latent {args.latent}, LoRA r=8, checkpointing every block; t(48) extrapolated from depths {low},{high}"
@@ -139,10 +162,9 @@ def main() -> None:
         f"{'row':<10} {'t(d1) s':>8} {'t(d2) s':>8} {'s/block':>8} {'t(48) s':>8} {'GiB(d2)':>8} {'GiB(48)':>8}"
     )
     for name in args.rows.split(","):
-        backend, precision = ROWS[name]
-        a = run_row(args, backend, precision, low)
+        a = run_row(args, name, low)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        b = run_row(args, backend, precision, high)
+        b = run_row(args, name, high)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
         per_block = (b["seconds"] - a["seconds"]) / (high - low)
         mem_block = (b["peak_gib"] - a["peak_gib"]) / (high - low)
@@ -157,7 +179,7 @@ def main() -> None:
             "full_gib": full_mem,
         }
         results.append(row)
-        print(f"{name:<10} {a['seconds']:8.3f} {b['seconds']:8.3f} {per_block:8.4f} {full:8.2f} "
+        print(f"{name:<15} {a['seconds']:8.3f} {b['seconds']:8.3f} {per_block:8.4f} {full:8.2f} "
               f"{b['peak_gib']:8.2f} {full_mem:8.2f}", flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

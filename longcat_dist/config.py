@@ -179,6 +179,7 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 4.0
     use_gpu: bool = True
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     deepspeed_config: Path = DEFAULT_DEEPSPEED_CONFIG
     zero_stage: Literal[2, 3] = 2
 
