@@ -17,7 +17,6 @@ from longcat_dist.validate.runner import ValidationRunner, ValidationSettings, s
 logger = logging.getLogger(__name__)
 
 VALIDATION_ACTOR_NAME = "longcat-validation"
-VALIDATION_NAMESPACE = "longcat-dist"
 # Ray restarts the actor process this many times after a crash (OOM, segfault, node loss) before giving up.
 MAX_RESTARTS = 3
 # submit and status must answer while finish waits for the last validation, so the actor is threaded.
@@ -80,35 +79,24 @@ class ValidationActor:
 
 
 def start_validation_actor(cfg: TrainConfig) -> ray.actor.ActorHandle | None:
-    """Start the named validation actor next to the trainer; None when validation is off (validation_steps 0)."""
+    """Start the named validation actor in the caller's namespace; None when validation is off (validation_steps 0).
+
+    Call after ray.init. The actor holds validation_num_gpus (fractional allowed; 0 in the CPU demo).
+    """
     if cfg.validation_steps == 0:
         logger.info("validation is off (validation_steps = 0)")
         return None
     settings = settings_from_config(cfg)
     remote = ray.remote(ValidationActor).options(
         name=VALIDATION_ACTOR_NAME,
-        namespace=VALIDATION_NAMESPACE,
+        namespace=ray.get_runtime_context().namespace,
         num_cpus=1,
         num_gpus=cfg.validation_num_gpus,
         max_restarts=MAX_RESTARTS,
         max_task_retries=1,
         max_concurrency=MAX_CONCURRENCY,
-        get_if_exists=True,
     )
     logger.info(
         "starting validation actor (%s GPU) every %d steps", cfg.validation_num_gpus, cfg.validation_steps
     )
     return remote.remote(settings)
-
-
-def submit_validation(step: int, lora_path: str) -> bool:
-    """Fire-and-forget submit from a training rank; logs and returns False when no actor is running."""
-    try:
-        actor = ray.get_actor(VALIDATION_ACTOR_NAME, namespace=VALIDATION_NAMESPACE)
-    except ValueError:
-        logger.warning(
-            "no validation actor '%s' is running; step %d is not validated", VALIDATION_ACTOR_NAME, step
-        )
-        return False
-    actor.submit.remote(step, lora_path)
-    return True

@@ -1,4 +1,4 @@
-"""Validation media: frames to uint8, H.264 MP4 files, contact sheets and GIF bytes for TensorBoard."""
+"""Validation media: start frames in, frames to uint8, H.264 MP4 files, contact sheets, GIF bytes for TensorBoard."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 # The official demos write 15 fps.
 DEFAULT_FPS = 15
@@ -18,6 +18,26 @@ DEFAULT_FPS = 15
 MP4_CRF = "18"
 SHEET_GAP = 4
 LABEL_HEIGHT = 14
+# TensorBoard previews: a full 93 x 480 x 832 clip as GIF is tens of MB per step in the event file; the MP4 has
+# the full size.
+GIF_MAX_WIDTH = 320
+
+
+def load_start_frame(path: Path, height: int, width: int) -> torch.Tensor:
+    """An image file -> [3, height, width] in [-1, 1]: Lanczos resize to cover the bucket, then a centre crop."""
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"start frame {path}: not a readable image ({err}); give a PNG or JPEG.") from err
+    # Cover then crop (not the official stretch to the bucket), so that the aspect ratio is kept.
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()  # [3, H, W]
+    return pixels / 127.5 - 1.0
 
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -98,9 +118,12 @@ def contact_sheet(rows: Sequence[Image.Image]) -> Image.Image:
     return sheet
 
 
-def gif_bytes(frames: np.ndarray, fps: int = DEFAULT_FPS) -> bytes:
-    """Encode uint8 frames [F, H, W, 3] as an animated GIF (TensorBoard's video format)."""
+def gif_bytes(frames: np.ndarray, fps: int = DEFAULT_FPS, max_width: int = GIF_MAX_WIDTH) -> bytes:
+    """Encode uint8 frames [F, H, W, 3] as an animated GIF (TensorBoard's video format), at most max_width wide."""
     images = [Image.fromarray(frame) for frame in frames]
+    if images[0].width > max_width:
+        size = (max_width, max(2, round(images[0].height * max_width / images[0].width)))
+        images = [image.resize(size, Image.Resampling.BILINEAR) for image in images]
     buffer = io.BytesIO()
     images[0].save(
         buffer, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0

@@ -17,6 +17,8 @@ LATENT_CHANNELS = 16
 VAE_TEMPORAL_STRIDE = 4
 # Denominator guard of the CFG-Zero* projection, the official value.
 CFG_ZERO_EPS = 1e-8
+# The official schedule runs s from 1 down to this value before the shift, then appends sigma = 0.
+SIGMA_FLOOR = 0.001
 
 
 def latent_frames_for(num_video_frames: int) -> int:
@@ -33,7 +35,7 @@ def shifted_sigmas(num_steps: int, shift: float) -> torch.Tensor:
         raise ValueError(f"num_steps={num_steps}: the sampler needs at least one step.")
     if shift <= 0:
         raise ValueError(f"shift={shift}: the flow shift must be > 0 (LongCat uses 12).")
-    sigmas = shift_sigmas(torch.linspace(1.0, 0.001, num_steps, dtype=torch.float32), shift)
+    sigmas = shift_sigmas(torch.linspace(1.0, SIGMA_FLOOR, num_steps, dtype=torch.float32), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
@@ -60,7 +62,11 @@ def cfg_zero_star(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: float)
 def pad_text(
     embeddings: Sequence[torch.Tensor], length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad prompt embeddings [L_b, D] to `length` (default: the longest); text [B, 1, L, D], mask [B, L]."""
+    """Right-pad prompt embeddings [L_b, D] to `length` (default: the longest); text [B, 1, L, D], mask [B, L].
+
+    With the DiT's text_tokens_zero_pad (the default) pass the text encoder's max_length: the official pipeline
+    pads every prompt to it, and the pad tokens take part in cross-attention, so the length changes the output.
+    """
     text, mask = flow_pad_text(embeddings)
     if length is None or length == text.shape[2]:
         return text, mask
@@ -72,10 +78,21 @@ def pad_text(
     return F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
 
 
+def pad_prompts(
+    prompts: Sequence[torch.Tensor], negatives: Sequence[torch.Tensor], length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad positive and negative embeddings to one common length: (text, mask, negative_text, negative_mask)."""
+    if len(prompts) != len(negatives):
+        raise ValueError(f"pad_prompts: {len(prompts)} prompts but {len(negatives)} negative prompts.")
+    text, mask = pad_text([*prompts, *negatives], length)
+    batch = len(prompts)
+    return text[:batch], mask[:batch], text[batch:], mask[batch:]
+
+
 def draw_noise(
     cond_latents: torch.Tensor, num_latent_frames: int, generators: Sequence[torch.Generator] | None
 ) -> torch.Tensor:
-    """Initial noise [B, 16, T, h, w] fp32, one generator per sample so that a batch equals separate runs."""
+    """Initial noise [B, 16, T, h, w] fp32 on the CPU, one generator per sample so a batch equals separate runs."""
     batch, channels, _, height, width = cond_latents.shape
     if generators is not None and len(generators) != batch:
         raise ValueError(
@@ -86,11 +103,16 @@ def draw_noise(
         torch.randn(shape, generator=None if generators is None else generators[b], dtype=torch.float32)
         for b in range(batch)
     ]
-    return torch.cat(samples).to(cond_latents.device)
+    return torch.cat(samples)
 
 
 def _check_inputs(
-    cond_latents: torch.Tensor, text: torch.Tensor, negative_text: torch.Tensor | None, guidance: float
+    cond_latents: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    negative_text: torch.Tensor | None,
+    negative_mask: torch.Tensor | None,
+    guidance: float,
 ) -> None:
     if cond_latents.dim() != 5 or cond_latents.shape[1] != LATENT_CHANNELS or cond_latents.shape[2] != 1:
         raise ValueError(f"cond_latents must be [B, 16, 1, h, w]; got {tuple(cond_latents.shape)}.")
@@ -98,11 +120,16 @@ def _check_inputs(
         raise ValueError(
             f"text must be [B, 1, L, D] with B = {cond_latents.shape[0]}; got {tuple(text.shape)}."
         )
-    if guidance > 1.0 and (negative_text is None or negative_text.shape != text.shape):
+    if guidance <= 1.0:
+        return
+    if negative_text is None or negative_text.shape != text.shape:
         got = None if negative_text is None else tuple(negative_text.shape)
         raise ValueError(
-            f"guidance {guidance} > 1 needs negative_text shaped like text {tuple(text.shape)}; got {got}."
+            f"guidance {guidance} > 1 needs negative_text shaped like text {tuple(text.shape)}; got {got}. "
+            "Pad both with pad_prompts."
         )
+    if (text_mask is None) != (negative_mask is None):
+        raise ValueError("give masks for both text and negative_text, or for neither.")
 
 
 @torch.no_grad()
@@ -123,31 +150,33 @@ def sample_i2v(
 ) -> torch.Tensor:
     """Sample normalized latents [B, 16, T, h, w] (fp32) whose frame 0 is `cond_latents`, bit for bit.
 
-    text/negative_text are [B, 1, L, D] with masks [B, L] (see `pad_text`); guidance > 1 runs CFG-Zero* with
+    text/negative_text are [B, 1, L, D] with masks [B, L] (see `pad_prompts`); guidance > 1 runs CFG-Zero* with
     the batch [negative; positive] in one forward, guidance <= 1 runs the conditional branch alone.
     """
-    _check_inputs(cond_latents, text, negative_text, guidance)
+    _check_inputs(cond_latents, text, text_mask, negative_text, negative_mask, guidance)
     weight = next(model.parameters())
+    device, dtype = weight.device, getattr(model, "dtype", weight.dtype)
     batch = cond_latents.shape[0]
     use_cfg = guidance > 1.0
-    latents = draw_noise(cond_latents, num_latent_frames, generators)  # [B, 16, T, h, w] fp32
-    latents[:, :, :1] = cond_latents.float()
+    # Noise first, then the start frame written over latent frame 0 (spec §5.1 step 6); fp32 all through.
+    latents = draw_noise(cond_latents, num_latent_frames, generators).to(device)  # [B, 16, T, h, w]
+    latents[:, :, :1] = cond_latents.to(device, torch.float32)
     if use_cfg:
-        context = torch.cat([negative_text, text]).to(weight.device, weight.dtype)  # [2B, 1, L, D]
-        context_mask = None if text_mask is None else torch.cat([negative_mask, text_mask]).to(weight.device)
+        context = torch.cat([negative_text, text]).to(device, dtype)  # [2B, 1, L, D], official order
+        context_mask = None if text_mask is None else torch.cat([negative_mask, text_mask]).to(device)
     else:
-        context = text.to(weight.device, weight.dtype)
-        context_mask = None if text_mask is None else text_mask.to(weight.device)
+        context = text.to(device, dtype)
+        context_mask = None if text_mask is None else text_mask.to(device)
     sigmas = shifted_sigmas(num_steps, shift)
     for i in tqdm(range(num_steps), desc="sampling", disable=not progress, leave=False):
         model_input = torch.cat([latents, latents]) if use_cfg else latents
-        timesteps = model_timesteps(sigmas[i], model_input.shape[0], num_latent_frames).to(weight.device)
+        timesteps = model_timesteps(sigmas[i], model_input.shape[0], num_latent_frames).to(device)
         velocity = model(
-            model_input.to(weight.dtype), timesteps, context, context_mask, num_cond_latents=1
+            model_input.to(dtype), timesteps, context, context_mask, num_cond_latents=1
         ).float()  # [B or 2B, 16, T, h, w], the data-ward velocity x0 - eps
         if use_cfg:
             velocity = cfg_zero_star(velocity[batch:], velocity[:batch], guidance)
-        # Euler in fp32 on the noise frames only, with u = -v (the DiT's sign is opposite to diffusers').
+        # Euler in fp32 on the noise frames only, x + dsigma * u with u = -v (the DiT's sign is diffusers' negated).
         step = (sigmas[i + 1] - sigmas[i]).item()
-        latents[:, :, 1:] = latents[:, :, 1:] - step * velocity[:, :, 1:]
+        latents[:, :, 1:] = latents[:, :, 1:] + step * -velocity[:, :, 1:]
     return latents

@@ -1,5 +1,6 @@
 """MP4 files, contact sheets, TensorBoard summaries and the HTML gallery, read back independently."""
 
+import io
 import json
 
 import av
@@ -14,6 +15,8 @@ from longcat_dist.validate.media import (
     contact_row,
     contact_sheet,
     frames_to_uint8,
+    gif_bytes,
+    load_start_frame,
     pick_frames,
     write_mp4,
 )
@@ -104,3 +107,29 @@ def test_gallery_shows_every_step_side_by_side_with_relative_links(tmp_path):
     assert "a &lt;b&gt;s0&lt;/b&gt;" in page, "captions must be escaped"
     assert "Failed validation steps (see error.txt): 30" in page
     assert page.index("step 10") < page.index("step 20")
+
+
+def test_start_frame_is_resized_to_cover_and_centre_cropped(tmp_path):
+    # A 200x100 image: left half black, right half white, with a red middle column band.
+    pixels = np.zeros((100, 200, 3), np.uint8)
+    pixels[:, 100:] = 255
+    pixels[:, 90:110] = (255, 0, 0)
+    Image.fromarray(pixels).save(tmp_path / "start.png")
+    frame = load_start_frame(tmp_path / "start.png", 32, 32)
+    assert frame.shape == (3, 32, 32) and frame.min() >= -1.0 and frame.max() <= 1.0
+    # Scaled to 64x32 then the middle 32 columns kept: the red band spans the centre, black/white at the edges.
+    assert frame[:, 16, 16].tolist() == pytest.approx([1.0, -1.0, -1.0], abs=0.1)
+    assert frame[:, 16, 1].mean() < -0.8 and frame[:, 16, 30].mean() > 0.8
+
+
+def test_start_frame_rejects_a_non_image_with_the_path(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png: not a readable image"):
+        load_start_frame(tmp_path / "notes.png", 32, 32)
+
+
+def test_tensorboard_gifs_are_shrunk_to_a_preview_width():
+    frames = np.zeros((3, 60, 400, 3), np.uint8)
+    frames[1], frames[2] = 120, 255  # distinct frames (the GIF writer merges identical ones)
+    with Image.open(io.BytesIO(gif_bytes(frames, max_width=100))) as gif:
+        assert gif.size == (100, 15) and gif.n_frames == 3

@@ -1,0 +1,93 @@
+"""Helpers of the validation tests: tiny eval shards (the real shard contract), configs and LoRA files."""
+
+import json
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from longcat_dist.data import format as fmt
+from longcat_dist.model import lora
+from longcat_dist.validate.runner import build_base_model, settings_from_config
+
+TEXT_DIM = 32  # the tiny DiT's caption_channels
+MAX_LENGTH = 8
+FRAMES, SIZE = 5, 32  # latents [16, 2, 4, 4] with the tiny Wan VAE (x4 time, x8 space)
+CONFIG = {"tiny_model": True, "use_gpu": False, "validation_num_gpus": 0, "data_backend_config": "backends.json",
+          "output_dir": "out", "validation_steps": 2, "validation_using_datasets": True, "eval_dataset_id": "val",
+          "validation_resolution": f"{SIZE}x{SIZE}", "validation_num_video_frames": FRAMES,
+          "validation_num_inference_steps": 3, "num_frames": FRAMES, "resolution": SIZE, "lora_rank": 2,
+          "lora_targets": ["qkv", "proj"]}  # fmt: skip
+
+
+def _video_dataset(name: str) -> list[dict]:
+    return [
+        {"id": name, "type": "local", "dataset_type": "video", "instance_data_dir": name, "caption_strategy":
+         "textfile", "cache_dir_vae": f"shards/{name}", "video": {"num_frames": FRAMES, "is_i2v": True},
+         "conditioning_data": [f"{name}-starts"]},
+        {"id": f"{name}-starts", "type": "local", "dataset_type": "conditioning", "instance_data_dir":
+         f"{name}_starts", "caption_strategy": "textfile"},
+    ]  # fmt: skip
+
+
+def write_eval_shards(
+    root: Path,
+    videos: list[torch.Tensor],
+    texts: list[torch.Tensor],
+    null_text: torch.Tensor | None = None,
+    max_length: int = MAX_LENGTH,
+) -> fmt.Manifest:
+    """One bucket, one shard: clip latents [16, T, h, w] with their first frame as cond, plus the null text."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = fmt.bucket_name(FRAMES, SIZE, SIZE)
+    bucket = fmt.BucketInfo(name, FRAMES, SIZE, SIZE, fmt.latent_shape(FRAMES, SIZE, SIZE))
+    rel = fmt.shard_relpath("val", name, 0)
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(root / rel), encoder=False) as sink:
+        for index, (video, text) in enumerate(zip(videos, texts, strict=True)):
+            meta = {"caption": f"clip {index}", "bucket": name}
+            sink.write(fmt.encode_sample(f"clip{index}", video, video[:, :1], text, meta))
+    bucket.shards.append(fmt.ShardInfo(rel, len(videos), fmt.sha256_file(root / rel)))
+    vae = {
+        "class": "AutoencoderKLWan",
+        "config_hash": "tiny",
+        "latents_mean": [0.0] * 16,
+        "latents_std": [1.0] * 16,
+    }
+    text_encoder = {"name": "umt5-tiny", "max_length": max_length, "dim": TEXT_DIM}
+    manifest = fmt.Manifest(fmt.FORMAT_VERSION, "val", vae, text_encoder, [bucket], len(videos))
+    manifest.save(root)
+    if null_text is None:
+        null_text = torch.randn(1, TEXT_DIM, generator=torch.Generator().manual_seed(9))
+    fmt.save_null_text(root, null_text)
+    return manifest
+
+
+def write_config(directory: Path, **changes: object) -> Path:
+    """config.json + backends.json (a train and an eval video dataset) in `directory`; returns config.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "backends.json").write_text(json.dumps(_video_dataset("clips") + _video_dataset("val")))
+    path = directory / "config.json"
+    path.write_text(json.dumps({**CONFIG, **changes}))
+    return path
+
+
+def random_eval_set(directory: Path, count: int = 2, seed: int = 0) -> None:
+    """Random clips (the model has not seen them) as the eval split of `directory`'s config."""
+    gen = torch.Generator().manual_seed(seed)
+    videos = [torch.randn(fmt.latent_shape(FRAMES, SIZE, SIZE), generator=gen) for _ in range(count)]
+    texts = [torch.randn(2 + i, TEXT_DIM, generator=gen) for i in range(count)]
+    write_eval_shards(directory / "shards" / "val", videos, texts)
+
+
+def write_lora(cfg, path: Path, step: int, seed: int = 0) -> Path:
+    """A LoRA for the tiny base of `cfg` with random (non-zero) up weights, as training would export it."""
+    model = build_base_model(settings_from_config(cfg), torch.device("cpu"))
+    lora.inject_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            weight = layer.lora_B[lora.ADAPTER].weight
+            weight.copy_(0.1 * torch.randn(weight.shape, generator=gen))
+    lora.export_lora(model, path, metadata={"base_model": "tiny-random-dit", "step": step})
+    return path
