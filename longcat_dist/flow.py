@@ -113,14 +113,22 @@ def drop_captions(texts: Sequence[Tensor], drop: Tensor, null_texts: Sequence[Te
     return [null if bool(d) else text for text, d, null in zip(texts, drop, null_texts, strict=True)]
 
 
-def pad_text(texts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Stack variable-length embeddings [L_i, D] as [B, 1, L_max, D] zero-padded, with the mask [B, L_max]."""
+def pad_text(texts: Sequence[Tensor], length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Stack embeddings [L_i, D] as [B, 1, L, D] zero-padded to `length` (default: the batch max), with mask [B, L].
+
+    With text_tokens_zero_pad the DiT attends to the zero pad tokens too (spec §2.9.3), so its output depends on
+    L: a fixed length (the text encoder's max_length, as the official pipeline pads) makes a sample's loss
+    independent of the batch it is in.
+    """
     if not texts:
         raise ValueError("pad_text needs at least one embedding")
     dims = {t.shape[-1] for t in texts}
     if len(dims) != 1:
         raise ValueError(f"text embeddings of one batch have different widths {sorted(dims)}")
-    max_len = max(t.shape[0] for t in texts)
+    longest = max(t.shape[0] for t in texts)
+    if length is not None and longest > length:
+        raise ValueError(f"a text embedding has {longest} tokens, more than the pad length {length}")
+    max_len = longest if length is None else length
     embeds = texts[0].new_zeros(len(texts), 1, max_len, dims.pop())  # [B, 1, L, D]
     mask = torch.zeros(len(texts), max_len, dtype=torch.long)  # [B, L]
     for i, text in enumerate(texts):

@@ -115,3 +115,7 @@ def test_pad_text_pads_to_batch_max_with_mask():
     assert torch.equal(embeds[0, 0, 3:], torch.zeros(2, 4)) and torch.equal(embeds[1, 0], texts[1])
     with pytest.raises(ValueError, match="widths"):
         flow.pad_text([torch.ones(3, 4), torch.ones(3, 5)])
+    fixed, fixed_mask = flow.pad_text(texts[:1], length=6)
+    assert fixed.shape == (1, 1, 6, 4) and fixed_mask.tolist() == [[1, 1, 1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="pad length 4"):
+        flow.pad_text(texts, length=4)

@@ -79,6 +79,10 @@ def _init_adam_state(engine: Any, step: int) -> None:
             state["step"] = torch.tensor(float(step))
             for moment in MOMENTS:
                 state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
+    # ZeRO-1/2 link each parameter to its slice of the optimizer state only after the first step; do it now.
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 def restore_train_state(engine: Any, model: nn.Module, directory: str | Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class FlowSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     caption_dropout_probability: float = 0.0
+    text_length: int | None = None  # pad every text to this many tokens (the text encoder's max_length)
 
 
 def flow_loss(
@@ -55,9 +56,8 @@ def flow_loss(
     frames = video.shape[2]
     timesteps = flow.frame_timesteps(sigmas, frames, NUM_COND_LATENTS)  # [B, T]
     nulls = [null_texts[key.split("/", 1)[0]] for key in batch.keys]
-    text, mask = flow.pad_text(
-        flow.drop_captions(batch.texts, draws.drop_caption, nulls)
-    )  # [B, 1, L, D], [B, L]
+    texts = flow.drop_captions(batch.texts, draws.drop_caption, nulls)
+    text, mask = flow.pad_text(texts, settings.text_length)  # [B, 1, L, D], [B, L]
     pred = model(noisy, timesteps, text.to(device), mask.to(device), num_cond_latents=NUM_COND_LATENTS)
     loss = flow.noise_frame_loss(pred, flow.flow_target(video, noise), NUM_COND_LATENTS)
     tokens = video.shape[0] * frames * video.shape[3] * video.shape[4] // PATCH_AREA

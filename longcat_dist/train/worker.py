@@ -66,8 +66,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return model.train()
 
 
-def open_datasets(cfg: TrainConfig) -> tuple[list[stream.ShardSource], stream.ShardDecoder, dict]:
-    """Shard sources, the decoder and the empty-prompt embedding of every training dataset."""
+def open_datasets(cfg: TrainConfig) -> tuple[list[stream.ShardSource], stream.ShardDecoder, dict, int]:
+    """Shard sources, the decoder, the empty-prompt embedding of every dataset and the text pad length."""
     sources, manifests, null_texts = [], [], {}
     for ds_cfg in cfg.train_datasets:
         root = str(ds_cfg.cache_dir_vae)
@@ -77,7 +77,8 @@ def open_datasets(cfg: TrainConfig) -> tuple[list[stream.ShardSource], stream.Sh
         null_texts[manifest.dataset_id] = stream.read_null_text(root)
     if not sources:
         raise ValueError("no training dataset with shards: set cache_dir_vae on a video dataset")
-    return sources, stream.ShardDecoder(manifests), null_texts
+    text_length = max(int(m.text_encoder["max_length"]) for m in manifests)
+    return sources, stream.ShardDecoder(manifests), null_texts, text_length
 
 
 def engine_config(cfg: TrainConfig, world_size: int) -> dict:
@@ -221,7 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = _device(cfg)
-    sources, decoder, null_texts = open_datasets(cfg)
+    sources, decoder, null_texts, text_length = open_datasets(cfg)
     model = build_model(cfg, device)
     engine = ds.build_engine(model, engine_config(cfg, world_size))
     loader_workers = cfg.dataloader_num_workers
@@ -230,20 +231,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = _resume(engine, model, layout)
     stepper = ds.GuardedStepper(engine, cfg.max_nonfinite_steps_in_row)
     settings = FlowSettings(cfg.seed, cfg.flow_schedule_shift, cfg.timestep_sampling, cfg.timestep_logit_mean,
-                            cfg.timestep_logit_std, cfg.caption_dropout_probability)  # fmt: skip
+                            cfg.timestep_logit_std, cfg.caption_dropout_probability, text_length)  # fmt: skip
     log = None
     if rank == 0:
         tb_dir = cfg.logging_dir if cfg.report_to == "tensorboard" else None
         log = MetricsLog(cfg.output_dir, tb_dir)
-    total = None
+    first = stream.plan_epoch(sources, world_size=world_size, num_workers=loader_workers,
+                              batch_size=cfg.train_batch_size, seed=cfg.seed, epoch=0)  # fmt: skip
+    total = total_optimizer_steps(cfg, first.steps_per_rank)
     window = _Window()
-    while total is None or state.global_step < total:
+    while state.global_step < total:
         plan, batches = stream.rank_batches(
             sources, rank=rank, world_size=world_size, num_workers=loader_workers, batch_size=cfg.train_batch_size,
             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=state.epoch, start_step=state.step_in_epoch,
             decode=decoder,
         )  # fmt: skip
-        total = total or total_optimizer_steps(cfg, plan.steps_per_rank)
         if rank == 0 and state.step_in_epoch == 0 and plan.dropped_samples:
             logger.info(
                 "epoch %d: %d samples dropped (incomplete batches)", state.epoch, plan.dropped_samples
@@ -279,7 +281,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _after_step(cfg, engine, model, state, window, outcome, lr, rank, world_size, device, log, total) -> None:
-    """Report the step to Ray (with a checkpoint every checkpointing_steps) and hand LoRAs to validation."""
+    """Log the step; report it to Ray (with a checkpoint every checkpointing_steps); hand LoRAs to validation."""
     import ray.train
 
     metrics = {**_step_metrics(window, outcome, lr, world_size, device), "step": state.global_step, "epoch": state.epoch,
@@ -290,7 +292,9 @@ def _after_step(cfg, engine, model, state, window, outcome, lr, rank, world_size
             logger.info("step %d/%d loss %.4f lr %.2e", state.global_step, total, metrics["loss"], lr)
     if state.global_step % max(1, cfg.checkpointing_steps) == 0 or state.global_step >= total:
         _save(engine, model, state, rank, metrics)
-    else:
+    elif state.global_step % max(1, cfg.logging_steps) == 0:
+        # A report costs a round trip to Ray's controller (~0.5 s on a laptop), so Ray gets every logging_steps-th
+        # step; metrics.jsonl and TensorBoard get every step.
         ray.train.report(metrics)
     if cfg.validation_steps and state.global_step % cfg.validation_steps == 0 and state.global_step < total:
         directory = Path(cfg.output_dir) / "validation" / f"step-{state.global_step:07d}"

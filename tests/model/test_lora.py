@@ -202,7 +202,12 @@ def _tiny_dit():
 
     torch.manual_seed(0)
     config = DiTConfig(
-        hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32, frequency_embedding_size=64
+        hidden_size=64,
+        depth=2,
+        num_heads=2,
+        caption_channels=32,
+        adaln_tembed_dim=32,
+        frequency_embedding_size=64,
     )
     return LongCatVideoTransformer3DModel(config).float()
 
@@ -210,7 +215,9 @@ def _tiny_dit():
 def test_real_tiny_dit_lora_round_trip(tmp_path):
     model = _trained(_tiny_dit())
     names = set(lora.lora_layers(model))
-    assert len(names) == 10 and not any(n.startswith(("x_embedder", "y_embedder", "final_layer")) for n in names)
+    assert len(names) == 10 and not any(
+        n.startswith(("x_embedder", "y_embedder", "final_layer")) for n in names
+    )
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(1, 16, 2, 4, 4, generator=gen)
     timestep, text = torch.tensor([[0.0, 700.0]]), torch.randn(1, 1, 5, 32, generator=gen)

@@ -11,6 +11,7 @@ def make_config(tmp_path: Path, shards: Path, **overrides):
     """A TrainConfig for the tiny DiT on CPU over one shard root; overrides are config keys."""
     from longcat_dist.config import load_config
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     backends = [
         {"id": "tiny", "type": "local", "dataset_type": "video", "instance_data_dir": str(tmp_path / "clips"),
          "caption_strategy": "textfile", "cache_dir_vae": str(shards), "conditioning_data": ["tiny-start"],
