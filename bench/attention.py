@@ -1,7 +1,8 @@
 """Benchmark: block-sparse attention (Triton) vs dense torch SDPA (cuDNN, flash) at LongCat training shapes.
 
 Run on one GPU from the repo root:  PYTHONPATH=. python bench/attention.py --shapes train,704x24,704x52 --out results/
-Add --sweep to time every (num_warps, num_stages) candidate of each kernel first and keep the fastest.
+Add --sweep to time every launch candidate (loop tile, warps, stages) of each kernel alone and keep the fastest;
+--data random,smooth repeats the shapes with spatially smooth q/k (clustered selections, as in real video).
 TFLOP/s for BSA count only the computed 64x64 tiles (padding rows of partial blocks included); the backward
 counts 2.5x the forward FLOPs (5 matmuls), the usual convention, although this kernel pair does 7.
 """
@@ -18,7 +19,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longcat_dist.kernels import block_sparse_attention, bsa_triton
-from longcat_dist.kernels.bsa_select import BlockGrid, select_blocks_on_grid
+from longcat_dist.kernels.bsa_select import BlockGrid, num_selected, pool_blocks, select_blocks_on_grid
+from longcat_dist.kernels.bsa_select_triton import pool_blocks_kernel
 
 HEADS, HEAD_DIM, SPARSITY = 32, 128, 0.9375
 SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
@@ -26,7 +28,11 @@ SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
     "704x24": ((24, 44, 80), 1),  # 704x1280, 93 frames
     "704x52": ((52, 44, 80), 4),  # 704x1280, 48 noise + 4 cond latent frames
 }
-CANDIDATES = [(4, 2), (4, 3), (4, 4), (8, 2), (8, 3)]
+# Launch candidates for --sweep: loop tiles of one or two 64-token blocks, one or two warpgroups, 2-4 stages.
+CANDIDATES = [
+    *(bsa_triton.Launch(64, warps, stages) for warps, stages in ((4, 2), (4, 3))),
+    *(bsa_triton.Launch(128, warps, stages) for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))),
+]
 
 
 def time_ms(fn, budget_ms: float = 1500.0) -> float:
@@ -47,31 +53,61 @@ def _once(fn) -> float:
     return start.elapsed_time(end)
 
 
-def sweep(q, k, v, grid, selection, do) -> dict[str, tuple[int, int]]:
-    """Time each kernel under every launch candidate; set and return the fastest."""
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def sweep(q, k, v, grid, selection, do) -> dict[str, dict]:
+    """Time each kernel alone under every launch candidate, check it against the preset's result, keep the
+    fastest correct one in the table; returns {table: {candidate: (ms, relative error)}}."""
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
+    _, delta = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
+    transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
     runs = {
-        "FWD_LAUNCH": lambda: bsa_triton.attention_forward(q, k, v, grid, selection),
-        "DQ_LAUNCH": lambda: bsa_triton.attention_backward(do, q, k, v, o, lse, grid, selection),
-        "DKDV_LAUNCH": lambda: bsa_triton.attention_backward(do, q, k, v, o, lse, grid, selection),
+        "FWD_LAUNCH": lambda: bsa_triton.attention_forward(q, k, v, grid, selection)[0],
+        "DQ_LAUNCH": lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)[0],
+        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(do, q, k, v, lse, delta, grid, transposed)),
     }
-    best = {}
+    report = {}
     for table, run in runs.items():
-        timings = {}
+        want = run()
+        timings, report[table] = {}, {}
         for cand in CANDIDATES:
             getattr(bsa_triton, table)[HEAD_DIM] = cand
             try:
-                timings[cand] = time_ms(run, 500.0)
-            except Exception as err:  # a candidate may not fit (shared memory); report and go on
-                print(f"  {table} {cand}: failed ({type(err).__name__}: {str(err)[:120]})")
-        best[table] = min(timings, key=timings.get)
-        getattr(bsa_triton, table)[HEAD_DIM] = best[table]
+                err = _rel_err(run(), want)
+                ms = time_ms(run, 300.0)
+            except Exception as error:  # a candidate may not fit (shared memory, registers): report, go on
+                print(f"  {table} {tuple(cand)}: failed ({type(error).__name__}: {str(error)[:120]})")
+                continue
+            report[table][str(tuple(cand))] = (ms, err)
+            if err < 1e-2:
+                timings[cand] = ms
+        best = min(timings, key=timings.get)
+        getattr(bsa_triton, table)[HEAD_DIM] = best
         print(
             f"sweep {table}: "
-            + ", ".join(f"{c}={t:.2f}ms" for c, t in timings.items())
-            + f" -> {best[table]}"
+            + ", ".join(f"{c}={t:.2f}ms/err{e:.0e}" for c, (t, e) in report[table].items())
+            + f" -> {tuple(best)}",
+            flush=True,
         )
-    return best
+    return report
+
+
+def select_breakdown(q, k, grid) -> dict[str, float]:
+    """Device time of each selection stage (torch pooling vs the Triton pooling kernel), and the transpose."""
+    qp, kp = pool_blocks(q, grid), pool_blocks(k, grid)
+    scores = qp @ kp.transpose(-1, -2)
+    n_sel = num_selected(grid.num_blocks, SPARSITY)
+    selection = select_blocks_on_grid(q, k, grid, SPARSITY, False)
+    return dict(
+        pool_torch_ms=time_ms(lambda: (pool_blocks(q, grid), pool_blocks(k, grid))),
+        pool_kernel_ms=time_ms(lambda: (pool_blocks_kernel(q, grid), pool_blocks_kernel(k, grid))),
+        scores_ms=time_ms(lambda: qp @ kp.transpose(-1, -2)),
+        topk_ms=time_ms(lambda: scores[:, :, grid.num_cond_blocks :].topk(n_sel, dim=-1, sorted=False)),
+        transpose_ms=time_ms(lambda: bsa_triton.transpose_selection(selection, grid.num_blocks)),
+        pool_kernel_err=_rel_err(pool_blocks_kernel(q, grid), qp),
+    )
 
 
 def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
@@ -98,12 +134,22 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
         pairs=pairs,
     )
     if do_sweep:
-        row["launch"] = {k: list(v) for k, v in sweep(q, k, v, grid, selection, do).items()}
+        row["sweep"] = sweep(q, k, v, grid, selection, do)
+    row["launch"] = {
+        t: tuple(getattr(bsa_triton, t)[HEAD_DIM]) for t in ("FWD_LAUNCH", "DQ_LAUNCH", "DKDV_LAUNCH")
+    }
+    row |= select_breakdown(q, k, grid)
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     row["select_ms"] = time_ms(lambda: select_blocks_on_grid(q, k, grid, SPARSITY, False))
     row["fwd_kernel_ms"] = time_ms(lambda: bsa_triton.attention_forward(q, k, v, grid, selection))
     row["bwd_kernel_ms"] = time_ms(
         lambda: bsa_triton.attention_backward(do, q, k, v, o, lse, grid, selection)
+    )
+    _, delta = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
+    transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
+    row["dq_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection))
+    row["dkdv_kernel_ms"] = time_ms(
+        lambda: bsa_triton.backward_dkdv(do, q, k, v, lse, delta, grid, transposed)
     )
     kw = dict(latent_shape=latent_shape, num_cond_latents=n_cond, sparsity=SPARSITY)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
@@ -141,8 +187,9 @@ def smooth_field(latent_shape: tuple[int, int, int], gen: torch.Generator) -> to
 
 def print_table(rows: list[dict]) -> None:
     cols = [
-        ("shape", "{}"), ("data", "{}"), ("tokens", "{}"), ("pairs", "{}"), ("select_ms", "{:.2f}"), ("fwd_kernel_ms", "{:.2f}"),
-        ("bwd_kernel_ms", "{:.2f}"), ("bsa_fwd_ms", "{:.2f}"), ("bsa_fwdbwd_ms", "{:.2f}"),
+        ("shape", "{}"), ("data", "{}"), ("tokens", "{}"), ("pairs", "{}"), ("select_ms", "{:.2f}"), ("pool_torch_ms", "{:.2f}"),
+        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("fwd_kernel_ms", "{:.2f}"),
+        ("bwd_kernel_ms", "{:.2f}"), ("dq_kernel_ms", "{:.2f}"), ("dkdv_kernel_ms", "{:.2f}"), ("bsa_fwd_ms", "{:.2f}"), ("bsa_fwdbwd_ms", "{:.2f}"),
         ("bsa_fwd_tflops", "{:.0f}"), ("bsa_bwd_tflops", "{:.0f}"), ("cudnn_fwd_ms", "{:.1f}"),
         ("cudnn_fwdbwd_ms", "{:.1f}"), ("cudnn_fwd_tflops", "{:.0f}"), ("cudnn_bwd_tflops", "{:.0f}"),
         ("flash_fwd_ms", "{:.1f}"), ("flash_fwdbwd_ms", "{:.1f}"), ("speedup_fwdbwd_vs_cudnn", "{:.1f}x"),
@@ -159,19 +206,27 @@ def main() -> None:
     parser.add_argument("--shapes", default="train", help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--sweep", action="store_true", help="tune launch settings on the first shape")
     parser.add_argument("--no-dense", action="store_true", help="skip the SDPA baselines")
-    parser.add_argument("--data", choices=("random", "smooth"), default="random", help="q/k statistics")
+    parser.add_argument(
+        "--data",
+        default="random",
+        help="comma list of q/k statistics: random, smooth (baselines on the first)",
+    )
     parser.add_argument("--out", type=Path, help="folder for results.json")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", bsa_triton.triton.__version__)
     rows = []
-    for i, name in enumerate(args.shapes.split(",")):
-        rows.append(bench_shape(name, args.sweep and i == 0, not args.no_dense, args.data))
-        print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
+    for j, data in enumerate(args.data.split(",")):
+        if data not in ("random", "smooth"):
+            parser.error(f"--data: unknown kind {data!r}; choose from random, smooth")
+        for i, name in enumerate(args.shapes.split(",")):
+            do_sweep, dense = args.sweep and i == j == 0, not args.no_dense and j == 0
+            rows.append(bench_shape(name, do_sweep, dense, data))
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
     print_table(rows)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"results_{args.data}.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

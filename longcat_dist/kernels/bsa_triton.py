@@ -9,6 +9,7 @@ at least one real token, so every real query row sees at least one finite score.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,12 +18,21 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from longcat_dist.kernels.bsa_select import BlockGrid, BlockSelection
 
-# Launch settings per head dim, (num_warps, num_stages), measured on H100 with bf16 at the training shape
-# (bench/attention.py --sweep; see docs/perf_attention.md). One 64-token block is the natural wgmma m64 tile, so
-# one warpgroup (4 warps) per program; stages hide the latency of the gathered K/V loads.
-FWD_LAUNCH = {32: (4, 3), 64: (4, 3), 128: (4, 3)}
-DQ_LAUNCH = {32: (4, 2), 64: (4, 2), 128: (4, 2)}
-DKDV_LAUNCH = {32: (4, 2), 64: (4, 2), 128: (4, 2)}
+
+class Launch(NamedTuple):
+    """Launch settings of one kernel: tile width in tokens (whole blocks per loop step), warps, pipeline depth."""
+
+    tile_tokens: int
+    num_warps: int
+    num_stages: int
+
+
+# Per head dim, measured on H100 with bf16 at the training shape (bench/attention.py --sweep; see
+# docs/perf_attention.md). One 64-token block is the natural wgmma m64 tile, so one warpgroup (4 warps) per
+# program; stages hide the latency of the gathered K/V loads.
+FWD_LAUNCH = {32: Launch(64, 4, 3), 64: Launch(64, 4, 3), 128: Launch(64, 4, 3)}
+DQ_LAUNCH = {32: Launch(64, 4, 2), 64: Launch(64, 4, 2), 128: Launch(64, 4, 2)}
+DKDV_LAUNCH = {32: Launch(64, 4, 2), 64: Launch(64, 4, 2), 128: Launch(64, 4, 2)}
 
 _LOG2E = 1.4426950408889634
 
@@ -38,16 +48,16 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _block_rows(
-    block, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+def block_rows(
+    block, local, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
 ):  # fmt: skip
-    """Token rows of one block's tile and which of them are real (see bsa_select for the block layout)."""
-    # Tile rows run in (t, h, w) order inside the block; the compiler hoists this loop-invariant part.
-    offs = tl.arange(0, CHUNK_T * CHUNK_H * CHUNK_W)
-    local_t = offs // (CHUNK_H * CHUNK_W)
-    local_h = (offs // CHUNK_W) % CHUNK_H
-    local_w = offs % CHUNK_W
+    """Token rows of tile entries `local` (offsets inside a block) of `block` (scalar or per entry), and which of
+    them are real (see bsa_select for the block layout)."""
+    # Rows run in (t, h, w) order inside the block; the compiler hoists the loop-invariant part.
+    local_t = local // (CHUNK_H * CHUNK_W)
+    local_h = (local // CHUNK_W) % CHUNK_H
+    local_w = local % CHUNK_W
     bt = block // (hblocks * wblocks)
     bh = (block // wblocks) % hblocks
     bw = block % wblocks
@@ -62,44 +72,68 @@ def _block_rows(
 
 
 @triton.jit
+def _listed_rows(
+    LIST, start, end, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
+):  # fmt: skip
+    """Rows of the GROUP (1 or 2) blocks LIST[start : start + GROUP] side by side in one tile; a second block at
+    or past `end` is masked out (the last step of an odd-length list)."""
+    BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
+    local = tl.arange(0, BLOCK)
+    rows, valid = block_rows(tl.load(LIST + start), local, *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
+    if GROUP == 2:
+        # Block ids stay scalars (one division each, not one per row); the two row sets are interleaved,
+        # which is harmless because the kernels treat a tile's rows as an unordered set of keys or queries.
+        # Clamped rather than masked: LIST[end - 1] is always in bounds, and its rows are masked out below.
+        listed = start + 1 < end
+        second, second_valid = block_rows(
+            tl.load(LIST + tl.minimum(start + 1, end - 1)), local, *geometry, CHUNK_T, CHUNK_H, CHUNK_W
+        )
+        rows = tl.reshape(tl.join(rows, second), [2 * BLOCK])
+        # Joined as int8: the interpreter cannot load through a mask that was joined as booleans.
+        both_valid = tl.join(valid.to(tl.int8), (second_valid & listed).to(tl.int8))
+        valid = tl.reshape(both_valid, [2 * BLOCK]) != 0
+    return rows, valid
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, IDX, COUNTS, scale_log2,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_ib, s_ih, s_im,
     nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
-    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Out and base-2 log-sum-exp of one q-block over its selected k-blocks (online softmax)."""
+    """Out and base-2 log-sum-exp of one q-block over its selected k-blocks (online softmax), GROUP at a time."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    q_rows, q_valid = _block_rows(
-        qblock, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
-    )
+    geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
+    q_rows, q_valid = block_rows(qblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     q = tl.load(
         Q + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :], mask=q_valid[:, None], other=0.0
     )
     K += b * s_kb + h * s_kh
     V += b * s_vb + h * s_vh
     IDX += b * s_ib + h * s_ih + qblock * s_im
+    count = tl.load(COUNTS + qblock)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for s in range(0, tl.load(COUNTS + qblock)):
-        k_rows, k_valid = _block_rows(
-            tl.load(IDX + s), T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
-        )
+    for s in range(0, count, GROUP):
+        k_rows, k_valid = _listed_rows(IDX, s, count, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
         k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
         v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
         qk = tl.where(
             k_valid[None, :], _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2, float("-inf")
-        )  # [BLOCK, BLOCK]
+        )  # [BLOCK, GROUP·BLOCK]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block: m_i starts at -inf
+        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first step: m_i starts at -inf
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
         m_i = m_new
@@ -117,8 +151,8 @@ def _dq_kernel(
     Q, K, V, Out, DO, DQ, LSE, DELTA, IDX, COUNTS, scale_log2, sm_scale,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_ib, s_ih, s_im,
     nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
-    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """dQ of one q-block; also stores its Δ = rowsum(Out·dO), which the dK/dV kernel reads afterwards."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
@@ -127,9 +161,8 @@ def _dq_kernel(
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    q_rows, q_valid = _block_rows(
-        qblock, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
-    )
+    geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
+    q_rows, q_valid = block_rows(qblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     row_mask = q_valid[:, None]
     q = tl.load(Q + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :], mask=row_mask, other=0.0)
     o = tl.load(Out + b * s_ob + h * s_oh + q_rows[:, None] * s_on + d[None, :], mask=row_mask, other=0.0)
@@ -141,15 +174,14 @@ def _dq_kernel(
     K += b * s_kb + h * s_kh
     V += b * s_vb + h * s_vh
     IDX += b * s_ib + h * s_ih + qblock * s_im
+    count = tl.load(COUNTS + qblock)
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for s in range(0, tl.load(COUNTS + qblock)):
-        k_rows, k_valid = _block_rows(
-            tl.load(IDX + s), T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
-        )
+    for s in range(0, count, GROUP):
+        k_rows, k_valid = _listed_rows(IDX, s, count, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
         k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
         v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
         qk = tl.where(k_valid[None, :], _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2, float("-inf"))
-        p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, BLOCK]
+        p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, GROUP·BLOCK]
         dp = _dot(do, tl.trans(v), UPCAST_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
@@ -166,19 +198,18 @@ def _dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, QLIST, QOFFSETS, scale_log2, sm_scale,
     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, pairs_per_head,
     nh, N, num_blocks, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
-    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV of one k-block over the q-blocks that selected it (the transposed selection)."""
+    """dK and dV of one k-block over the q-blocks that selected it (the transposed selection), GROUP at a time."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
     kblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    k_rows, k_valid = _block_rows(
-        kblock, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
-    )
+    geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
+    k_rows, k_valid = block_rows(kblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     k_ptrs = b * s_kb + h * s_kh + k_rows[:, None] * s_kn + d[None, :]
     v_ptrs = b * s_vb + h * s_vh + k_rows[:, None] * s_vn + d[None, :]
     k = tl.load(K + k_ptrs, mask=k_valid[:, None], other=0.0)
@@ -189,19 +220,20 @@ def _dkdv_kernel(
     DELTA += bh.to(tl.int64) * N
     QLIST += bh.to(tl.int64) * pairs_per_head
     QOFFSETS += bh.to(tl.int64) * (num_blocks + 1) + kblock
+    end = tl.load(QOFFSETS + 1)
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for i in range(tl.load(QOFFSETS), tl.load(QOFFSETS + 1)):
-        q_rows, q_valid = _block_rows(
-            tl.load(QLIST + i), T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
-        )
+    for i in range(tl.load(QOFFSETS), end, GROUP):
+        q_rows, q_valid = _listed_rows(QLIST, i, end, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
         q = tl.load(Q + q_rows[:, None] * s_qn + d[None, :], mask=q_valid[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] * s_dn + d[None, :], mask=q_valid[:, None], other=0.0)
-        # Padded q rows get lse = +inf, so their P is exactly 0 and they add nothing to dK/dV. Padded k rows
-        # are never stored, so they need no mask here.
+        # Padded or unlisted q rows get lse = +inf, so their P is exactly 0 and they add nothing to dK/dV.
+        # Padded k rows are never stored, so they need no mask here.
         lse = tl.load(LSE + q_rows, mask=q_valid, other=float("inf"))
         delta = tl.load(DELTA + q_rows, mask=q_valid, other=0.0)
-        p_t = tl.math.exp2(_dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :])  # [BLOCK_k, BLOCK_q]
+        p_t = tl.math.exp2(
+            _dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :]
+        )  # [BLOCK, GROUP·BLOCK]
         dv += _dot(p_t.to(do.dtype), do, UPCAST_DOT)
         dp_t = _dot(v, tl.trans(do), UPCAST_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -211,22 +243,27 @@ def _dkdv_kernel(
     tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
 
 
-def _geometry_args(grid: BlockGrid) -> tuple[int, ...]:
+def geometry_args(grid: BlockGrid) -> tuple[int, ...]:
+    """The grid's scalars that block_rows takes, in its order."""
     T, Hp, Wp = grid.latent_shape
     return (T, Hp, Wp, grid.num_cond_latents, grid.cond_tblocks, grid.hblocks, grid.wblocks)
 
 
-def _chunk_kwargs(grid: BlockGrid, head_dim: int, launch: dict[int, tuple[int, int]]) -> dict[str, int]:
-    num_warps, num_stages = launch[head_dim]
+def chunk_kwargs(grid: BlockGrid, head_dim: int) -> dict[str, int]:
+    """The compile-time tile shape of a kernel that gathers blocks with block_rows."""
     ct, ch, cw = grid.chunk_shape
+    return dict(HEAD_DIM=head_dim, CHUNK_T=ct, CHUNK_H=ch, CHUNK_W=cw)
+
+
+def _launch_kwargs(grid: BlockGrid, head_dim: int, launch: Launch) -> dict[str, int]:
+    # Block sizes and tile widths are powers of two, so GROUP blocks fill the tile exactly; at most two.
+    group = min(2, max(1, launch.tile_tokens // grid.block_size))
     return dict(
-        HEAD_DIM=head_dim,
-        CHUNK_T=ct,
-        CHUNK_H=ch,
-        CHUNK_W=cw,
+        **chunk_kwargs(grid, head_dim),
+        GROUP=group,
         UPCAST_DOT=interpreted(),
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
 
 
@@ -247,7 +284,7 @@ def attention_forward(
     _fwd_kernel[(grid.num_blocks, B * nh)](
         q, k, v, o, lse, idx, selection.counts, scale_log2,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
-        nh, N, *_geometry_args(grid), **_chunk_kwargs(grid, hd, FWD_LAUNCH),
+        nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, FWD_LAUNCH[hd]),
     )  # fmt: skip
     return o, lse
 
@@ -263,25 +300,56 @@ def attention_backward(
     selection: BlockSelection,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
+    dq, delta = backward_dq(do, q, k, v, o, lse, grid, selection)
+    dk, dv = backward_dkdv(do, q, k, v, lse, delta, grid, transpose_selection(selection, grid.num_blocks))
+    return dq, dk, dv
+
+
+def backward_dq(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    grid: BlockGrid,
+    selection: BlockSelection,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the dQ kernel; returns dQ and the row terms Δ [B·nh, N] float32."""
     B, nh, N, hd = q.shape
     sm_scale = 1.0 / math.sqrt(hd)
-    scale_log2 = sm_scale * _LOG2E
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
     delta = torch.empty_like(lse)  # [B·nh, N]
     idx = selection.indices
-    geometry = _geometry_args(grid)
     _dq_kernel[(grid.num_blocks, B * nh)](
-        q, k, v, o, do, dq, lse, delta, idx, selection.counts, scale_log2, sm_scale,
+        q, k, v, o, do, dq, lse, delta, idx, selection.counts, sm_scale * _LOG2E, sm_scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *idx.stride()[:3],
-        nh, N, *geometry, **_chunk_kwargs(grid, hd, DQ_LAUNCH),
+        nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, DQ_LAUNCH[hd]),
     )  # fmt: skip
-    q_list, q_offsets = transpose_selection(selection, grid.num_blocks)
+    return dq, delta
+
+
+def backward_dkdv(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    grid: BlockGrid,
+    transposed: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the dK/dV kernel over the transposed selection (see transpose_selection); returns dK, dV."""
+    B, nh, N, hd = q.shape
+    sm_scale = 1.0 / math.sqrt(hd)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    q_list, q_offsets = transposed
     _dkdv_kernel[(grid.num_blocks, B * nh)](
-        q, k, v, do, dk, dv, lse, delta, q_list, q_offsets, scale_log2, sm_scale,
+        q, k, v, do, dk, dv, lse, delta, q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], q_list.shape[-1],
-        nh, N, grid.num_blocks, *geometry, **_chunk_kwargs(grid, hd, DKDV_LAUNCH),
+        nh, N, grid.num_blocks, *geometry_args(grid), **_launch_kwargs(grid, hd, DKDV_LAUNCH[hd]),
     )  # fmt: skip
-    return dq, dk, dv
+    return dk, dv
 
 
 def transpose_selection(selection: BlockSelection, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,14 @@ import pytest
 import torch
 from bsa_checks import assert_matches_reference, random_qkv, relative_error
 
-from longcat_dist.kernels import block_sparse_attention, reference_block_sparse_attention
+from longcat_dist.kernels import (
+    BlockGrid,
+    block_sparse_attention,
+    bsa_triton,
+    reference_block_sparse_attention,
+)
+from longcat_dist.kernels.bsa_select import pool_blocks
+from longcat_dist.kernels.bsa_select_triton import pool_blocks_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -27,6 +34,23 @@ BF16, FP16 = torch.bfloat16, torch.float16
 )
 def test_forward_and_gradients_match_reference(batch, heads, head_dim, latent_shape, dtype, kwargs):
     assert_matches_reference(batch, heads, head_dim, latent_shape, dtype, DEVICE, **kwargs)
+
+
+@pytest.mark.parametrize("tile_tokens", [32, 64])
+def test_every_loop_tile_width_matches_reference(monkeypatch, tile_tokens):
+    # 32-token blocks, so the loops step over one or two blocks at a time; 3 blocks per noise q-block and
+    # transposed lists of every length leave the last step half-empty.
+    for table in (bsa_triton.FWD_LAUNCH, bsa_triton.DQ_LAUNCH, bsa_triton.DKDV_LAUNCH):
+        monkeypatch.setitem(table, 32, bsa_triton.Launch(tile_tokens, 4, 2))
+    kw = dict(num_cond_latents=2, sparsity=0.8, chunk_shape=(2, 4, 4))
+    assert_matches_reference(1, 2, 32, (7, 5, 6), BF16, DEVICE, **kw)
+
+
+def test_pool_kernel_matches_torch_pooling():
+    grid = BlockGrid((7, 5, 6), num_cond_latents=2, chunk_shape=(4, 4, 4))
+    x = torch.randn(2, 3, 210, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE, BF16)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)  # strided like a head view of [B, N, nh, hd]
+    torch.testing.assert_close(pool_blocks_kernel(x, grid), pool_blocks(x, grid))
 
 
 def test_few_key_blocks_never_give_zeros():
