@@ -8,7 +8,8 @@ Random weights, built on meta and materialised block by block on the GPU (quanti
 r=8 on the default targets, the real DeepSpeed engine (configs/deepspeed, one process) and the real training step
 (longcat_dist.train.step.flow_loss + GuardedStepper) on synthetic batches shaped like the shards (one cond frame,
 a 120-token caption). The step is timed at two depths; the per-block cost is their difference,
-and the full 48-block model is extrapolated as t(48) = t(d1) + (48 - d1)·per_block (memory likewise).
+and the full 48-block model is extrapolated as t(48) = t(d1) + (48 - d1)·per_block (memory likewise);
+`--depths 48` measures the full model directly. TFLOP/s and the floor use the FLOP count of step_work.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def run_row(args, name: str, depth: int) -> dict:
     video = torch.randn(1, 16, frames, height, width, generator=gen).to(torch.bfloat16)
     texts = [torch.randn(VALID_TEXT, text_dim, generator=gen).to(torch.bfloat16)]
     null = {"bench": torch.zeros(1, text_dim, dtype=torch.bfloat16)}
-    settings = FlowSettings(seed=0, shift=12.0)
+    settings = FlowSettings(seed=0, shift=12.0, text_length=TEXT_TOKENS)
 
     def step(index: int) -> float:
         batch = Batch([f"bench/{index}"], "bench", video, video[:, :, :1], texts)
@@ -152,37 +153,65 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     args.latent = tuple(int(v) for v in args.latent.split(","))
-    low, high = (int(d) for d in args.depths.split(","))
+    depths = [int(d) for d in args.depths.split(",")]
     init_process_group(torch.device(args.device))
     results = []
-    print(
-        f"latent {args.latent}, LoRA r=8, checkpointing every block; t(48) extrapolated from depths {low},{high}"
-    )
-    print(
-        f"{'row':<10} {'t(d1) s':>8} {'t(d2) s':>8} {'s/block':>8} {'t(48) s':>8} {'GiB(d2)':>8} {'GiB(48)':>8}"
-    )
+    print(f"latent {args.latent}, LoRA r=8, DeepSpeed, batch 1; depths {depths}; 48-block values "
+          f"{'measured' if depths == [FULL_DEPTH] else 'extrapolated'}")  # fmt: skip
+    header = ("row", "t(d1) s", "t(d2) s", "s/block", "t(48) s", "GiB(48)", "TFLOP/s", "floor s", "floor/t")
+    print(f"{header[0]:<15}" + "".join(f"{h:>9}" for h in header[1:]))
     for name in args.rows.split(","):
-        a = run_row(args, name, low)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        b = run_row(args, name, high)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-        per_block = (b["seconds"] - a["seconds"]) / (high - low)
-        mem_block = (b["peak_gib"] - a["peak_gib"]) / (high - low)
-        full = a["seconds"] + (FULL_DEPTH - low) * per_block
-        full_mem = a["peak_gib"] + (FULL_DEPTH - low) * mem_block
-        row = {
-            "row": name,
-            "low": a,
-            "high": b,
-            "per_block_s": per_block,
-            "full_s": full,
-            "full_gib": full_mem,
-        }
+        runs = []
+        for depth in depths:
+            runs.append(run_row(args, name, depth))
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if len(runs) == 1:
+            a = b = runs[0]
+            scale = FULL_DEPTH / a["depth"]
+            full, full_mem, per_block = a["seconds"] * scale, a["peak_gib"], a["seconds"] / a["depth"]
+        else:
+            a, b = runs
+            per_block = (b["seconds"] - a["seconds"]) / (b["depth"] - a["depth"])
+            mem_block = (b["peak_gib"] - a["peak_gib"]) / (b["depth"] - a["depth"])
+            full = a["seconds"] + (FULL_DEPTH - a["depth"]) * per_block
+            full_mem = a["peak_gib"] + (FULL_DEPTH - a["depth"]) * mem_block
+        flops, floor = step_work(args.latent, ROWS[name])
+        row = {"row": name, "config": dict(zip(("attention", "precision", "zero_stage", "checkpoint_interval"),
+               ROWS[name])), "runs": runs, "per_block_s": per_block, "full_s": full, "full_gib": full_mem,
+               "full_flops": flops, "floor_s": floor}  # fmt: skip
         results.append(row)
-        print(f"{name:<15} {a['seconds']:8.3f} {b['seconds']:8.3f} {per_block:8.4f} {full:8.2f} "
-              f"{b['peak_gib']:8.2f} {full_mem:8.2f}", flush=True)  # fmt: skip
+        values = (
+            a["seconds"],
+            b["seconds"],
+            per_block,
+            full,
+            full_mem,
+            flops / full / 1e12,
+            floor,
+            floor / full,
+        )
+        print(f"{name:<15}" + "".join(f"{v:9.3f}" for v in values), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def step_work(latent: tuple[int, int, int], row: tuple) -> tuple[float, float]:
+    """FLOPs of one 48-block production step and its floor in seconds from the measured H100 ceilings.
+
+    Frozen linears run forward, recompute (checkpointing) and input-gradient: 3x the forward matmuls. Attention
+    runs forward, recompute and backward (2.5x): 4.5x; block-sparse computes 1/16 of the blocks.
+    """
+    backend, precision, _, interval = row
+    c, f = 4096, 11008
+    tokens = latent[0] * latent[1] * latent[2] // 4
+    recompute = 1.0 if interval == 1 else 1.0 / interval
+    linear = 2 * tokens * (6 * c * c + 3 * c * f) * (2 + recompute) * FULL_DEPTH
+    attention = 4 * tokens * tokens * c * (3.5 + recompute) * FULL_DEPTH
+    if backend == "bsa":
+        attention /= 16
+    linear_ceiling = {"bf16": 695e12, "fp8": 1270e12, "int8": 695e12}[precision]
+    attention_ceiling = 575e12  # cuDNN SDPA fwd/bwd mean at 37,440 tokens (docs/PERFORMANCE.md)
+    return linear + attention, linear / linear_ceiling + attention / attention_ceiling
 
 
 if __name__ == "__main__":
