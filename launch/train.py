@@ -20,7 +20,6 @@ from longcat_dist.config import ConfigError, TrainConfig, load_config
 logger = logging.getLogger("launch.train")
 
 JOB_NAMESPACE = "longcat-dist"  # the validation actor is looked up in the job's namespace
-MAX_WORKER_FAILURES = 3  # worker-group restarts from the latest checkpoint before the job fails
 VALIDATION_FINISH_TIMEOUT_S = 3600.0
 
 
@@ -67,13 +66,16 @@ def build_trainer(cfg: TrainConfig, *, test_knobs: dict | None = None):
         train_loop_config={"cfg": cfg, **(test_knobs or {})},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.experiment_name,
             storage_path=cfg.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoints_total_limit),
-            failure_config=ray.train.FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": env},
         ),
         resume_from_checkpoint=resume,
@@ -106,6 +108,8 @@ def run_training(cfg: TrainConfig, *, test_knobs: dict | None = None):
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     actor = _start_validation(cfg)
+    if actor is not None:
+        actor.submit.remote(0, None)  # the base model before training: the gallery's baseline
     result = build_trainer(cfg, test_knobs=test_knobs).fit()
     final_step = int((result.metrics or {}).get("step", 0)) if result.metrics else 0
     if actor is not None:

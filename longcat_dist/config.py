@@ -180,6 +180,7 @@ class TrainConfig:
     cpus_per_worker: float = 4.0
     use_gpu: bool = True
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before the job fails
     deepspeed_config: Path = DEFAULT_DEEPSPEED_CONFIG
     zero_stage: Literal[2, 3] = 2
 

@@ -68,7 +68,9 @@ class DatasetConfig:
     num_frames: int | None = None
     min_frames: int | None = None
     max_frames: int | None = None
-    cache_dir_vae: Path | None = None  # for video datasets: the root of this dataset's shards
+    # For video datasets: the root of this dataset's shards, a local path or a URL that WebDataset reads
+    # (s3://bucket/prefix, pipe:...) kept as the string it is.
+    cache_dir_vae: Path | str | None = None
     cache_dir: Path | None = None
     disabled: bool = False
     repeats: int = 0
@@ -114,6 +116,13 @@ def _path(value: Any, base: Path, where: Path, key: str) -> Path | None:
     return None if path is None else resolve_relative(path, base)
 
 
+def _shard_root(value: Any, base: Path, where: Path, key: str) -> Path | str | None:
+    """A shard root: URLs (scheme://... or pipe:...) stay strings; anything else is a path."""
+    if isinstance(value, str) and ("://" in value or value.startswith("pipe:")):
+        return value
+    return _path(value, base, where, key)
+
+
 def _parse_dataset(index: int, entry: Any, where: Path) -> DatasetConfig:
     """Type-check one entry and build its DatasetConfig (cross-entry rules come later)."""
     if not isinstance(entry, dict):
@@ -154,7 +163,7 @@ def _parse_dataset(index: int, entry: Any, where: Path) -> DatasetConfig:
         # SimpleTuner: an unset min_frames equals num_frames.
         min_frames=num("min_frames" if "min_frames" in video else "num_frames"),
         max_frames=num("max_frames"),
-        cache_dir_vae=_path(entry.get("cache_dir_vae"), base, where, f"{label}.cache_dir_vae"),
+        cache_dir_vae=_shard_root(entry.get("cache_dir_vae"), base, where, f"{label}.cache_dir_vae"),
         cache_dir=_path(entry.get("cache_dir"), base, where, f"{label}.cache_dir"),
         disabled=get("disabled", bool, entry.get("disable", False)),
         repeats=get("repeats", int, 0),

@@ -29,7 +29,7 @@ def check_numbers(cfg: dict[str, Any], where_of: Callable[[str], Any]) -> None:
         "max_nonfinite_steps_in_row": 1, "shuffle_buffer": 0, "dataloader_num_workers": 0,
         "validation_num_inference_steps": 1, "validation_steps": 0, "validation_num_gpus": 0,
         "checkpointing_steps": 1, "checkpoints_total_limit": 1, "num_workers": 1, "gpus_per_worker": 0,
-        "logging_steps": 1, "adam_weight_decay": 0, "framerate": 1,
+        "logging_steps": 1, "adam_weight_decay": 0, "framerate": 1, "max_failures": 0,
     }  # fmt: skip
     for key, low in at_least.items():
         if cfg[key] is not None:

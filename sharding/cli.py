@@ -103,6 +103,12 @@ def _datasets(args: argparse.Namespace) -> list[DatasetSpec]:
     for ds in by_id.values():
         if ds.dataset_type != "video" or ds.disabled:
             continue
+        if isinstance(ds.cache_dir_vae, str):
+            raise ConfigError(
+                path, f"{ds.id}.cache_dir_vae", ds.cache_dir_vae,
+                "the shard builder writes to a local or mounted directory",
+                "build there, then copy the shard root to object storage and point training at the URL",
+            )  # fmt: skip
         start = by_id[ds.conditioning_data[0]]
         specs.append(DatasetSpec(ds.id, ds.instance_data_dir, start.instance_data_dir, ds.cache_dir_vae,
                                  ds.caption_strategy, ds.instance_prompt, ds.resolution or args.resolution,

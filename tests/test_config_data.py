@@ -174,6 +174,14 @@ def test_video_dataset_needs_cache_dir_vae_for_its_shards(tmp_path: Path) -> Non
     assert "clips.cache_dir_vae" in message and "writes this dataset's shards" in message
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/shards/clips", "pipe:aws s3 cp s3://bucket/clips/{}"])
+def test_shard_roots_given_as_urls_stay_urls(tmp_path: Path, url: str) -> None:
+    entries = backends()
+    entries[0]["cache_dir_vae"] = url
+    clips = {d.id: d for d in load_data_backends(write_backends(tmp_path, entries))}["clips"]
+    assert clips.cache_dir_vae == url
+
+
 def test_two_video_datasets_cannot_share_a_shard_root(tmp_path: Path) -> None:
     entries = backends()
     entries[2]["cache_dir_vae"] = "cache/clips"

@@ -104,6 +104,18 @@ class DiTConfig:
         return {"_class_name": "LongCatVideoTransformer3DModel", **values}
 
 
+# The tiny random DiT of the demo and the tests (spec §9's first row: 212,672 parameters); its text width 32 is the
+# tiny text encoder's.
+TINY_DIT = dict(
+    hidden_size=64,
+    depth=2,
+    num_heads=2,
+    caption_channels=32,
+    adaln_tembed_dim=32,
+    frequency_embedding_size=64,
+)
+
+
 def _suggest(key: str, known: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,14 +30,14 @@ logger = logging.getLogger(__name__)
 VALIDATION_ACTOR = "longcat-validation"
 LORA_NAME = "lora.safetensors"  # PEFT/diffusers keys
 OFFICIAL_LORA_NAME = "lora_official.safetensors"  # LongCat-Video's own format (spec §7)
-TINY_DIT = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32,
-                frequency_embedding_size=64)  # fmt: skip
+LORAS_DIR = "loras"  # <output_dir>/loras/step-NNNNNNN/: the LoRAs handed to validation
+WORKERS_DIR = "workers"  # <output_dir>/workers/rank-N.json: where each rank ran (node, address, process)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     """The DiT (tiny random or pretrained, quantized when asked) with LoRA; base frozen, LoRA fp32."""
     from longcat_dist.model.attention import BSAParams
-    from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel
+    from longcat_dist.model.transformer import TINY_DIT, DiTConfig, LongCatVideoTransformer3DModel
 
     # bf16 base on GPU; on CPU fp32, since the CPU bf16 kernels are slow and DeepSpeed runs fp32 there.
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision != "fp32" else torch.float32
@@ -151,12 +154,40 @@ def _save(engine, model: nn.Module, state: RunState, rank: int, metrics: dict) -
                          checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")  # fmt: skip
 
 
+def _lora_digest(model: nn.Module) -> str:
+    """sha256 of this rank's full LoRA weights: equal on every rank when the data-parallel steps agreed."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(lora.lora_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _record_worker(cfg: TrainConfig, rank: int, world_size: int, **fields: Any) -> None:
+    """<output_dir>/workers/rank-N.json: the node, address and process this rank ran on (and its final LoRA)."""
+    import ray
+
+    path = Path(cfg.output_dir) / WORKERS_DIR / f"rank-{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(rank=rank, world_size=world_size, node_id=ray.get_runtime_context().get_node_id(),
+                  node_ip=ray.util.get_node_ip_address(), hostname=socket.gethostname(), pid=os.getpid(),
+                  **fields)  # fmt: skip
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _export(model: nn.Module, cfg: TrainConfig, directory: Path, step: int, rank: int) -> Path:
     """Write the LoRA in both formats (a collective under ZeRO-3, which must gather the weights)."""
     from deepspeed.runtime.zero import GatheredParameters
 
     params = [p for p in model.parameters() if p.requires_grad]
     with GatheredParameters(params, modifier_rank=None):
+        if directory == Path(cfg.output_dir):  # the final export: every rank records what it ends with
+            _record_worker(
+                cfg, rank, dist_world_size(), final_step=step, final_lora_sha256=_lora_digest(model)
+            )
         if rank == 0:
             base = str(cfg.pretrained_model_name_or_path or "tiny-random-dit")
             meta = {"base_model": base, "step": step}
@@ -174,6 +205,12 @@ def _submit_validation(path: Path, step: int) -> None:
     except ValueError:
         return  # no actor: validation is off
     actor.submit.remote(step, str(path))
+
+
+def dist_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -229,6 +266,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     layout = {"world_size": world_size, "num_workers": loader_workers, "batch_size": cfg.train_batch_size,
               "seed": cfg.seed}  # fmt: skip
     state = _resume(engine, model, layout)
+    _record_worker(cfg, rank, world_size, start_step=state.global_step)
     stepper = ds.GuardedStepper(engine, cfg.max_nonfinite_steps_in_row)
     settings = FlowSettings(cfg.seed, cfg.flow_schedule_shift, cfg.timestep_sampling, cfg.timestep_logit_mean,
                             cfg.timestep_logit_std, cfg.caption_dropout_probability, text_length)  # fmt: skip
@@ -297,7 +335,7 @@ def _after_step(cfg, engine, model, state, window, outcome, lr, rank, world_size
         # step; metrics.jsonl and TensorBoard get every step.
         ray.train.report(metrics)
     if cfg.validation_steps and state.global_step % cfg.validation_steps == 0 and state.global_step < total:
-        directory = Path(cfg.output_dir) / "validation" / f"step-{state.global_step:07d}"
+        directory = Path(cfg.output_dir) / LORAS_DIR / f"step-{state.global_step:07d}"
         path = _export(model, cfg, directory, state.global_step, rank)
         if rank == 0:
             _submit_validation(path, state.global_step)

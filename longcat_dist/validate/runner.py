@@ -19,7 +19,7 @@ from longcat_dist.config import TrainConfig
 from longcat_dist.encoders import build_text_encoder, build_vae, decode_latents, encode_frames
 from longcat_dist.model import lora
 from longcat_dist.model.attention import BSAParams
-from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel
+from longcat_dist.model.transformer import TINY_DIT, DiTConfig, LongCatVideoTransformer3DModel
 from longcat_dist.validate.eval_set import EvalItem, prompt_item, read_eval_split
 from longcat_dist.validate.gallery import ERROR_FILE, METRICS_FILE, step_dir
 from longcat_dist.validate.media import (
@@ -37,10 +37,6 @@ from longcat_dist.validate.summaries import ValidationSummaries
 
 logger = logging.getLogger(__name__)
 
-# Must equal train/worker.py's TINY_DIT: with the same seed both rebuild the same random base (validate/ may not
-# import train/, so the test suite checks that the two agree).
-TINY_DIT = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32,
-                frequency_embedding_size=64)  # fmt: skip
 CONTACT_FRAMES = 4
 SHEET_FILE = "contact_sheet.png"
 

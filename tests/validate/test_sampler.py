@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel
+from longcat_dist.model.transformer import TINY_DIT, DiTConfig, LongCatVideoTransformer3DModel
 from longcat_dist.validate.sampler import pad_prompts, sample_i2v, shifted_sigmas
 
-TINY_DIT = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32,
-                frequency_embedding_size=64)  # fmt: skip
 TEXT_LENGTH = 6
 FRAMES = 3
 STEPS = 3
