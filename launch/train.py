@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # torch before ray.init(): loading libtorch_cpu (its MKL) after Ray has started its threads and libraries failed
+    # in a `ray job submit` driver on a two-node cluster ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
     import ray
+    import torch  # noqa: F401
 
     # Inside `ray job submit` this joins the job's cluster; on a laptop it starts a local instance.
     ray.init(namespace=JOB_NAMESPACE, ignore_reinit_error=True, log_to_driver=args.verbose)
