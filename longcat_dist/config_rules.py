@@ -89,6 +89,11 @@ def check_model(cfg: dict[str, Any], where_of: Callable[[str], Any]) -> None:
     if not cfg["use_gpu"] and cfg["validation_num_gpus"] > 0 and cfg["validation_steps"] > 0:
         raise ConfigError(where_of("validation_num_gpus"), "validation_num_gpus", cfg["validation_num_gpus"],
                           "use_gpu is false, so no GPU will be there for the validation actor", "set it to 0")  # fmt: skip
+    if cfg["zero_stage"] == 3 and cfg["base_model_precision"] != "bf16":
+        # The quantized base lives in buffers that ZeRO-3 cannot partition or gather (model/quant.py).
+        raise ConfigError(where_of("zero_stage"), "zero_stage", 3,
+                          f"cannot train a {cfg['base_model_precision']} base (quantized weights are buffers "
+                          "ZeRO-3 does not partition)", "use zero_stage 2, or base_model_precision bf16")  # fmt: skip
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cfg["experiment_name"]):
         raise ConfigError(where_of("experiment_name"), "experiment_name", cfg["experiment_name"],
                           "names a directory: use letters, digits, '.', '_' and '-'")  # fmt: skip

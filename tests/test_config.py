@@ -412,3 +412,8 @@ def test_long_side_hint_names_grid_values_that_stay_long(short: int, long_side: 
     assert fits and all(v % alignment == 0 and v >= short for v in fits)
     for v in fits:
         check_resolution(short, v, "k", alignment)
+
+
+def test_zero3_refuses_a_quantized_base(tmp_path: Path) -> None:
+    message = config_error(tmp_path, zero_stage=3, base_model_precision="fp8-torchao")
+    assert "key 'zero_stage' = 3" in message and "fp8 base" in message and "use zero_stage 2" in message

@@ -266,7 +266,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     layout = {"world_size": world_size, "num_workers": loader_workers, "batch_size": cfg.train_batch_size,
               "seed": cfg.seed}  # fmt: skip
     state = _resume(engine, model, layout)
-    _record_worker(cfg, rank, world_size, start_step=state.global_step)
+    from longcat_dist.model.quant import QuantizedLinear
+
+    quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    _record_worker(cfg, rank, world_size, start_step=state.global_step,
+                   base_model_precision=cfg.base_model_precision, quantized_linears=quantized)  # fmt: skip
     stepper = ds.GuardedStepper(engine, cfg.max_nonfinite_steps_in_row)
     settings = FlowSettings(cfg.seed, cfg.flow_schedule_shift, cfg.timestep_sampling, cfg.timestep_logit_mean,
                             cfg.timestep_logit_std, cfg.caption_dropout_probability, text_length)  # fmt: skip

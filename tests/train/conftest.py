@@ -23,9 +23,9 @@ def pair_shards(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray instance for all training tests of the session, shut down at the end."""
+    """A local Ray instance per test module, shut down after it (other test folders start their own)."""
     import ray
 
     from launch.train import JOB_NAMESPACE
@@ -36,7 +36,7 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def zero2_run(local_ray, tiny_shards, tmp_path_factory):
     """The reference run: 2 workers, ZeRO-2, batch 1, 4 steps, checkpoints at 2 and 4; returns (tmp dir, result)."""
     from train_helpers import make_config

@@ -44,3 +44,18 @@ def test_worker_killed_mid_run_resumes_to_the_same_lora(zero2_run, tiny_shards, 
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantized_base_trains_on_two_ray_workers(local_ray, tiny_shards, tmp_path, precision):
+    # ZeRO-2 replicates the 1-byte base on each rank; the LoRA on top trains and stays identical across ranks.
+    result = run_training(make_config(tmp_path, tiny_shards, base_model_precision=precision))
+    assert result.error is None and result.metrics["step"] == 4
+    workers = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "workers").glob("rank-*.json"))]
+    assert len(workers) == 2 and workers[0]["final_lora_sha256"] == workers[1]["final_lora_sha256"]
+    # Every Linear of the tiny DiT's 2 blocks (qkv, proj, q_linear, kv_linear, cross proj, w1, w2, w3) is 1-byte.
+    assert [(w["base_model_precision"], w["quantized_linears"]) for w in workers] == [(precision, 16)] * 2
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["loss"] < 10 for r in rows)
+    lora_weights = load_file(str(tmp_path / "out" / "lora.safetensors"))
+    assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in lora_weights.items())
