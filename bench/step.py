@@ -94,7 +94,8 @@ def init_process_group(device: torch.device) -> None:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
-def run_row(args, name: str, depth: int) -> dict:
+def prepare_row(args, name: str, depth: int):
+    """The engine of one row at one depth and its step function (step(index) -> loss); see the module docstring."""
     backend, precision, zero_stage, interval = ROWS[name]
     device = torch.device(args.device)
     model = build_model(depth, precision, device, args.tiny)
@@ -102,6 +103,7 @@ def run_row(args, name: str, depth: int) -> dict:
     inject_lora(model, rank=8, alpha=8, targets=("qkv", "proj", "q_linear", "kv_linear"))
     model.set_attention_backend(backend, BSAParams() if backend == "bsa" else None)
     model.enable_gradient_checkpointing(interval)
+    model.set_fused_elementwise(args.fused)
     model.train()
     config = deepspeed_config(
         Path(__file__).resolve().parents[1] / "configs/deepspeed/zero2.json",
@@ -124,6 +126,11 @@ def run_row(args, name: str, depth: int) -> dict:
         stepper(loss, 1e-4)
         return float(loss.detach())
 
+    return engine, step, device
+
+
+def run_row(args, name: str, depth: int) -> dict:
+    engine, step, device = prepare_row(args, name, depth)
     for index in range(args.warmup):
         step(index)
     if device.type == "cuda":
@@ -141,19 +148,32 @@ def run_row(args, name: str, depth: int) -> dict:
     return {"depth": depth, "seconds": statistics.median(times), "peak_gib": peak, "loss": loss}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list of {', '.join(ROWS)}")
-    parser.add_argument("--depths", default="2,4", help="two depths; the per-block cost is their difference")
+def step_arguments(parser: argparse.ArgumentParser, rows: str, steps: int) -> None:
+    """The options of the step, shared with bench/profile_step.py; parse with parse_step_arguments."""
+    parser.add_argument("--rows", default=rows, help=f"comma list of {', '.join(ROWS)}")
+    parser.add_argument("--depths", default="2,4", help="one or two depths; per block = their difference")
     parser.add_argument("--latent", default="24,60,104", help="latent T,H,W (93x480x832 -> 24,60,104)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny test width (CPU smoke runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--fused", action="store_true", help="fused Triton kernels for the fp32 islands")
+
+
+def parse_step_arguments(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, list]:
+    """(args with latent as a tuple, the depths as ints)."""
+    args = parser.parse_args(argv)
     args.latent = tuple(int(v) for v in args.latent.split(","))
-    depths = [int(d) for d in args.depths.split(",")]
+    return args, [int(d) for d in args.depths.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    step_arguments(parser, DEFAULT_ROWS, steps=3)
+    args, depths = parse_step_arguments(parser, None)
     init_process_group(torch.device(args.device))
     results = []
     print(f"latent {args.latent}, LoRA r=8, DeepSpeed, batch 1; depths {depths}; 48-block values "
@@ -195,23 +215,30 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
 
 
-def step_work(latent: tuple[int, int, int], row: tuple) -> tuple[float, float]:
-    """FLOPs of one 48-block production step and its floor in seconds from the measured H100 ceilings.
+LINEAR_CEILING = {"bf16": 695e12, "fp8": 1270e12, "int8": 695e12}  # dense matmul TFLOP/s measured on the H100
+ATTENTION_CEILING = 575e12  # cuDNN SDPA fwd/bwd mean at 37,440 tokens (docs/PERFORMANCE.md)
+
+
+def block_work(latent: tuple[int, int, int], row: tuple) -> tuple[float, float]:
+    """FLOPs of one block's frozen linears and of its attention in one training step.
 
     Frozen linears run forward, recompute (checkpointing) and input-gradient: 3x the forward matmuls. Attention
     runs forward, recompute and backward (2.5x): 4.5x; block-sparse computes 1/16 of the blocks.
     """
-    backend, precision, _, interval = row
+    backend, _, _, interval = row
     c, f = 4096, 11008
     tokens = latent[0] * latent[1] * latent[2] // 4
     recompute = 1.0 if interval == 1 else 1.0 / interval
-    linear = 2 * tokens * (6 * c * c + 3 * c * f) * (2 + recompute) * FULL_DEPTH
-    attention = 4 * tokens * tokens * c * (3.5 + recompute) * FULL_DEPTH
-    if backend == "bsa":
-        attention /= 16
-    linear_ceiling = {"bf16": 695e12, "fp8": 1270e12, "int8": 695e12}[precision]
-    attention_ceiling = 575e12  # cuDNN SDPA fwd/bwd mean at 37,440 tokens (docs/PERFORMANCE.md)
-    return linear + attention, linear / linear_ceiling + attention / attention_ceiling
+    linear = 2 * tokens * (6 * c * c + 3 * c * f) * (2 + recompute)
+    attention = 4 * tokens * tokens * c * (3.5 + recompute)
+    return linear, attention / 16 if backend == "bsa" else attention
+
+
+def step_work(latent: tuple[int, int, int], row: tuple) -> tuple[float, float]:
+    """FLOPs of one 48-block production step and its floor in seconds from the measured H100 ceilings."""
+    linear, attention = block_work(latent, row)
+    floor = linear / LINEAR_CEILING[row[1]] + attention / ATTENTION_CEILING
+    return (linear + attention) * FULL_DEPTH, floor * FULL_DEPTH
 
 
 if __name__ == "__main__":

@@ -102,9 +102,28 @@ def _finish_validation(actor, cfg: TrainConfig, final_step: int) -> None:
         logger.error("validation of the final LoRA failed: %s", err)
 
 
+def check_data_plan(cfg: TrainConfig) -> None:
+    """Fail before any worker starts when the shards cannot give every rank a batch.
+
+    In a worker the same error would be retried max_failures times. Shards that the driver cannot read (a path
+    that only the worker nodes mount) are left to the workers.
+    """
+    from longcat_dist.data import stream
+    from longcat_dist.train.worker import open_datasets
+
+    try:
+        sources = open_datasets(cfg)[0]
+    except (FileNotFoundError, OSError) as err:
+        logger.warning("the driver cannot read the shards (%s); the workers will check them", err)
+        return
+    stream.plan_epoch(sources, world_size=cfg.num_workers, num_workers=cfg.dataloader_num_workers,
+                      batch_size=cfg.train_batch_size, seed=cfg.seed, epoch=0)  # fmt: skip
+
+
 def run_training(cfg: TrainConfig, *, test_knobs: dict | None = None):
     """Train on the current Ray cluster (ray.init first) and return Ray's Result."""
     cfg = absolute_paths(cfg)
+    check_data_plan(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.output_dir) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     actor = _start_validation(cfg)
@@ -129,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, parse_overrides(args.set))
-    except ConfigError as err:
+        check_data_plan(absolute_paths(cfg))
+    except (ConfigError, ValueError) as err:  # bad config or shards that cannot feed every rank
         print(f"error: {err}", file=sys.stderr)
         return 2
     # torch before ray.init(): loading libtorch_cpu (its MKL) after Ray has started its threads and libraries failed

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longcat_dist.model.layers import RMSNormFp32
+from longcat_dist.model.layers import RMSNormFp32, use_fused_elementwise
 from longcat_dist.model.rope import apply_rope, rope_angles
 
 BACKENDS = ("auto", "sdpa", "xformers", "bsa")
@@ -33,10 +33,15 @@ class BSAParams:
 
 @dataclass(frozen=True)
 class AttentionSettings:
-    """The backend (auto | sdpa | xformers | bsa) and its BSA parameters."""
+    """The backend (auto | sdpa | xformers | bsa), its BSA parameters, and whether the block's fp32 islands
+    (modulation, gated residuals, q/k norm, RoPE) run as fused Triton kernels on CUDA tensors.
+
+    The fused kernels are off by default until their GPU run and timing (bench/fused_block.py) are in
+    docs/PERFORMANCE.md; `bench/step.py --fused` turns them on."""
 
     backend: str = "auto"
     bsa: BSAParams = BSAParams()
+    fused_elementwise: bool = False
 
 
 def resolve_backend(name: str, bsa: BSAParams | None = None) -> AttentionSettings:
@@ -148,7 +153,8 @@ class SelfAttention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, nh, N, hd] each
-        q, k = self.q_norm(q), self.k_norm(k)
+        fused = use_fused_elementwise(x, settings.fused_elementwise)
+        q, k = self.q_norm(q, fused), self.k_norm(k, fused)
         new_kv = (k, v)
         frames, height, width = latent_shape
         if kv_cache is not None:
@@ -158,14 +164,14 @@ class SelfAttention(nn.Module):
             cache_frames = k_cache.shape[2] // (height * width)
             k, v = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
             angles = rope_angles(self.head_dim, (cache_frames + frames, height, width))
-            q = apply_rope(q, angles[cache_frames * height * width :])
-            k = apply_rope(k, angles)
+            q = apply_rope(q, angles[cache_frames * height * width :], fused)
+            k = apply_rope(k, angles, fused)
             if settings.backend == "bsa":
                 raise ValueError("the KV-cache path runs dense attention only; use attention backend 'sdpa'")
             out = dense_attention(q, k, v, "xformers" if settings.backend == "xformers" else "sdpa")
         else:
             angles = rope_angles(self.head_dim, latent_shape)
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
+            q, k = apply_rope(q, angles, fused), apply_rope(k, angles, fused)
             out = self_attention(
                 q, k, v, num_cond_tokens=num_cond_tokens, latent_shape=latent_shape, settings=settings
             )
@@ -185,13 +191,19 @@ class CrossAttention(nn.Module):
         self.k_norm = RMSNormFp32(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, text: Tensor, text_lengths: list[int], backend: str) -> Tensor:
-        """x [B, N', C]; text [ΣL_b, C] packed over the batch; sample b attends only to its L_b tokens."""
+    def forward(
+        self, x: Tensor, text: Tensor, text_lengths: list[int], backend: str, fused: bool = False
+    ) -> Tensor:
+        """x [B, N', C]; text [ΣL_b, C] packed over the batch; sample b attends only to its L_b tokens.
+
+        fused: q/k norms as Triton kernels (see use_fused_elementwise).
+        """
         batch, tokens, dim = x.shape
-        q = self.q_norm(self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = self.q_linear(x).view(batch, tokens, self.num_heads, self.head_dim)
+        q = self.q_norm(q, fused).transpose(1, 2)
         # kv of the packed text in one matmul, as the official model does (§2.12 rule 7).
         kv = self.kv_linear(text).view(-1, 2, self.num_heads, self.head_dim)
-        k, v = self.k_norm(kv[:, 0]), kv[:, 1]  # [ΣL, nh, hd]
+        k, v = self.k_norm(kv[:, 0], fused), kv[:, 1]  # [ΣL, nh, hd]
         longest = max(text_lengths)
         mask = None
         if all(length == longest for length in text_lengths):

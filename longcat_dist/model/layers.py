@@ -2,6 +2,7 @@
 
 Module and parameter names follow the official checkpoint. The fp32 islands are modules of their own (not functional
 calls on a child's weight from the parent) so that DeepSpeed ZeRO-3 gathers their parameters in their own forward.
+On CUDA they can run as fused Triton kernels (longcat_dist.kernels.fused_block) that compute the same maths.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NORM_EPS = 1e-6
+# Device types whose tensors take the fused kernels when a model enables them. The CPU keeps the torch code, so CPU
+# results do not depend on the switch; tests add "cpu" to run the kernels under TRITON_INTERPRET=1.
+FUSED_DEVICE_TYPES = ("cuda",)
+
+
+def use_fused_elementwise(x: Tensor, enabled: bool) -> bool:
+    """Whether the fp32 islands on x run as fused Triton kernels: when enabled, and only on CUDA tensors."""
+    return enabled and x.device.type in FUSED_DEVICE_TYPES
 
 
 class Fp32Linear(nn.Linear):
@@ -42,17 +51,29 @@ class RMSNormFp32(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        """x [..., dim]; fused: one Triton kernel (x with 3 or 4 dims) instead of the torch ops."""
+        if fused:
+            from longcat_dist.kernels.fused_block import fused_rms_norm
+
+            return fused_rms_norm(x, self.weight, NORM_EPS)
         x32 = x.float()
         normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(x.dtype)
         return normed * self.weight.to(x.dtype)
 
 
-def modulate(norm: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, frames: int) -> Tensor:
+def modulate(
+    norm: LayerNormFp32, x: Tensor, shift: Tensor, scale: Tensor, frames: int, fused: bool = False
+) -> Tensor:
     """AdaLN in fp32: norm(x)·(1 + scale) + shift per latent frame, cast back to x's dtype.
 
-    x [B, N, C] with N = frames·S; shift, scale [B, frames, 1, C] fp32.
+    x [B, N, C] with N = frames·S; shift, scale [B, frames, 1, C] fp32. fused: one Triton kernel instead of the
+    torch ops (norm must then be affine-free, as every modulation norm is).
     """
+    if fused:
+        from longcat_dist.kernels.fused_block import fused_modulate
+
+        return fused_modulate(x, shift, scale, frames, norm.eps)
     batch, tokens, channels = x.shape
     x32 = norm(x.float()).view(batch, frames, tokens // frames, channels)
     return (x32 * (1 + scale) + shift).view(batch, tokens, channels).to(x.dtype)

@@ -52,8 +52,15 @@ def rotate_pairs(x: Tensor) -> Tensor:
     return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
-def apply_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate x [B, nh, N, hd] by angles [N, hd] (fp32) in fp32; the result keeps x's dtype."""
+def apply_rope(x: Tensor, angles: Tensor, fused: bool = False) -> Tensor:
+    """Rotate x [B, nh, N, hd] by angles [N, hd] (fp32) in fp32; the result keeps x's dtype.
+
+    fused: one Triton kernel (longcat_dist.kernels.fused_block) instead of the torch ops.
+    """
+    if fused:
+        from longcat_dist.kernels.fused_block import fused_rope
+
+        return fused_rope(x, angles)
     angles = angles.to(device=x.device, non_blocking=True)
     cos, sin = angles.cos(), angles.sin()
     x32 = x.float()

@@ -34,6 +34,7 @@ from longcat_dist.model.layers import (
     TimestepEmbedder,
     ffn_hidden_size,
     modulate,
+    use_fused_elementwise,
 )
 from longcat_dist.model.rope import rope_dims
 
@@ -149,31 +150,45 @@ class LongCatSingleStreamBlock(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, N, C] in the model dtype; t_emb [B, T, a] fp32; num_cond_tokens leading tokens are clean cond."""
         frames = latent_shape[0]
+        fused = use_fused_elementwise(x, settings.fused_elementwise)
         modulation = self.adaLN_modulation(t_emb).unsqueeze(2)  # [B, T, 1, 6C] fp32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
 
-        attn_in = modulate(self.mod_norm_attn, x, shift_msa, scale_msa, frames)
+        attn_in = modulate(self.mod_norm_attn, x, shift_msa, scale_msa, frames, fused)
         attn_out, new_kv = self.attn(attn_in, latent_shape, num_cond_tokens, settings, kv_cache)
-        x = _gated_add(x, gate_msa, attn_out, frames)
+        x = _gated_add(x, gate_msa, attn_out, frames, fused)
         if not skip_crs_attn:
-            x = x + self._cross_attention(x, text, text_lengths, num_cond_tokens, settings.backend)
-        ffn_out = self.ffn(modulate(self.mod_norm_ffn, x, shift_mlp, scale_mlp, frames))
-        return _gated_add(x, gate_mlp, ffn_out, frames), new_kv
+            x = x + self._cross_attention(x, text, text_lengths, num_cond_tokens, settings.backend, fused)
+        ffn_out = self.ffn(modulate(self.mod_norm_ffn, x, shift_mlp, scale_mlp, frames, fused))
+        return _gated_add(x, gate_mlp, ffn_out, frames, fused), new_kv
 
     def _cross_attention(
-        self, x: Tensor, text: Tensor, text_lengths: list[int], num_cond_tokens: int, backend: str
+        self,
+        x: Tensor,
+        text: Tensor,
+        text_lengths: list[int],
+        num_cond_tokens: int,
+        backend: str,
+        fused: bool = False,
     ) -> Tensor:
         # Cond tokens get exactly zero text information; only noise tokens query the text (§2.7).
         normed = self.pre_crs_attn_norm(x)
-        noise_out = self.cross_attn(normed[:, num_cond_tokens:], text, text_lengths, backend)
+        noise_out = self.cross_attn(normed[:, num_cond_tokens:], text, text_lengths, backend, fused)
         if num_cond_tokens == 0:
             return noise_out
         cond_out = noise_out.new_zeros(x.shape[0], num_cond_tokens, x.shape[2])
         return torch.cat([cond_out, noise_out], dim=1)
 
 
-def _gated_add(x: Tensor, gate: Tensor, update: Tensor, frames: int) -> Tensor:
-    """x + gate ⊙ update per latent frame, computed in fp32 and rounded to x's dtype (§2.12 rule 3)."""
+def _gated_add(x: Tensor, gate: Tensor, update: Tensor, frames: int, fused: bool = False) -> Tensor:
+    """x + gate ⊙ update per latent frame, computed in fp32 and rounded to x's dtype (§2.12 rule 3).
+
+    fused: one Triton kernel (longcat_dist.kernels.fused_block) instead of the torch ops.
+    """
+    if fused:
+        from longcat_dist.kernels.fused_block import fused_gated_add
+
+        return fused_gated_add(x, gate, update, frames)
     batch, tokens, channels = x.shape
     update = update.view(batch, frames, tokens // frames, channels)
     out = x.view(batch, frames, tokens // frames, channels) + gate * update
@@ -207,7 +222,13 @@ class LongCatVideoTransformer3DModel(nn.Module):
 
         auto (the default) runs block-sparse attention for video on CUDA and dense SDPA elsewhere.
         """
-        self.attention = resolve_backend(name, bsa)
+        self.attention = dataclasses.replace(
+            resolve_backend(name, bsa), fused_elementwise=self.attention.fused_elementwise
+        )
+
+    def set_fused_elementwise(self, enabled: bool) -> None:
+        """Run the blocks' fp32 islands as fused Triton kernels on CUDA tensors, or as plain torch ops (the default)."""
+        self.attention = dataclasses.replace(self.attention, fused_elementwise=enabled)
 
     def enable_gradient_checkpointing(self, interval: int = 1) -> None:
         """Recompute every `interval`-th block in the backward pass (0 turns checkpointing off)."""
