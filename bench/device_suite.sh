@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of the device machine in one call (see docs/PERFORMANCE.md for how to run it):
 #   source .whl/activate.sh && bash bench/device_suite.sh "$OUT" [parts...]
-# parts: tests attention linear step vae sampler (default: all). Each part has its own time limit so one slow part
+# parts: tests attention linear step vae sampler fused profile (default: all). Each part has its own time limit so one slow part
 # cannot starve the others; every log lands in the output folder.
 set -u
 out=${1:?output folder}; shift
-parts=${*:-tests attention linear step vae sampler}
+parts=${*:-tests attention linear step vae sampler fused profile}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -20,6 +20,12 @@ for part in $parts; do
             --rows sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8,bsa-fp8-ckpt2,bsa-bf16-zero3 > "$out/step.txt" 2>&1 ;;
     vae) timeout 120 python3 bench/vae.py --frames 93 --height 480 --width 832 --repeats 3 > "$out/vae.txt" 2>&1 ;;
     sampler) timeout 180 python3 bench/sampler.py > "$out/sampler.txt" 2>&1 ;;
+    fused) { timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_block.py
+             timeout 90 python3 bench/fused_block.py --out "$out"; } > "$out/fused.txt" 2>&1 ;;
+    profile) { timeout 240 python3 bench/profile_step.py --rows bsa-fp8,sdpa-bf16 --png "$out/step_breakdown.png" \
+                 --json "$out/profile.json"
+               timeout 150 python3 bench/profile_step.py --rows bsa-fp8 --fused --png "$out/step_breakdown_fused.png" \
+                 --json "$out/profile_fused.json"; } > "$out/profile.txt" 2>&1 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/gpu.txt"

@@ -50,8 +50,7 @@ def test_kernels_are_categorized_by_name(kernel, category):
 
 
 @pytest.mark.integration
-def test_cpu_smoke_run_profiles_two_depths_and_plots(tmp_path, monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+def test_cpu_smoke_run_profiles_two_depths_and_plots(tmp_path, gloo_process_group):
     profile = _load()
     png, out = tmp_path / "breakdown.png", tmp_path / "profile.json"
     profile.main(["--device", "cpu", "--tiny", "--rows", "sdpa-bf16", "--depths", "1,2", "--latent", "3,8,8",

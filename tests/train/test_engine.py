@@ -2,12 +2,9 @@
 
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from longcat_dist.train import engine as ds
@@ -51,21 +48,8 @@ def test_lr_schedules():
         ds.lr_at(0, base_lr=1.0, scheduler="linear", warmup_steps=0, total_steps=1)
 
 
-@pytest.fixture
-def one_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.integration
-def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(one_process_group):
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(gloo_process_group):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     engine = ds.build_engine(model, _config(world_size=1, gradient_accumulation_steps=1, micro_batch_size=1))
