@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of the device machine in one call (see docs/PERFORMANCE.md for how to run it):
 #   source .whl/activate.sh && bash bench/device_suite.sh "$OUT" [parts...]
-# parts: tests attention linear step vae sampler fused profile (default: all). Each part has its own time limit so one slow part
+# parts: tests attention linear step vae sampler fused profile sizes (default: all). Each part has its own time limit so one slow part
 # cannot starve the others; every log lands in the output folder.
 set -u
 out=${1:?output folder}; shift
-parts=${*:-tests attention linear step vae sampler fused profile}
+parts=${*:-tests attention linear step vae sampler fused profile sizes}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
@@ -26,6 +26,12 @@ for part in $parts; do
                  --json "$out/profile.json"
                timeout 150 python3 bench/profile_step.py --rows bsa-fp8 --fused --png "$out/step_breakdown_fused.png" \
                  --json "$out/profile_fused.json"; } > "$out/profile.txt" 2>&1 ;;
+    # 720x1280x93 (latent 24x90x160), then 480x832 at 125, 157 and 189 frames (latent T 32, 40, 48): the 48-block
+    # memory extrapolated from depths 2 and 4 says the largest clip that fits in the GPU.
+    sizes) for latent in 24,90,160 32,60,104 40,60,104 48,60,104; do
+             timeout 150 python3 bench/step.py --rows bsa-fp8 --latent $latent --steps 2 --warmup 1 \
+               --json "$out/size_${latent//,/x}.json"
+           done > "$out/sizes.txt" 2>&1 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/gpu.txt"
