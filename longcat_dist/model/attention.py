@@ -1,11 +1,13 @@
 """Self- and cross-attention of the DiT, and the one place that picks an attention backend (spec §2.6, §2.7, §2.10).
 
 Backends compute the same attention except `bsa`, the block-sparse approximation of spec §3:
-  sdpa      torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels on GPU, maths on CPU)
+  sdpa      torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels on GPU, maths on CPU):
+            the official model's dense attention, the backend for bitwise comparisons with it
   xformers  xformers.ops.memory_efficient_attention, when installed
   bsa       longcat_dist.kernels.block_sparse_attention (Triton); used for grids with more than one latent frame
   auto      bsa for video on CUDA in bf16/fp16 with a head dim the kernel supports, sdpa otherwise
-A backend that was asked for by name and cannot run here is an error, never a silent fallback.
+A backend that was asked for by name and cannot run here is an error, never a silent fallback. The official
+config's enable_bsa / enable_flashattn* flags are not read: the backend named here decides.
 """
 
 from __future__ import annotations

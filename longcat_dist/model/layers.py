@@ -91,9 +91,9 @@ class PatchEmbed3D(nn.Module):
 
 
 def timestep_frequencies(size: int) -> Tensor:
-    """The sinusoid's frequencies [size/2], built on the CPU in fp32 (§2.12 rule 6)."""
+    """The sinusoid's frequencies [size/2], built on the CPU in fp32 (§2.12 rule 6), whatever the default device."""
     half = size // 2
-    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device="cpu") / half)
 
 
 class TimestepEmbedder(nn.Module):

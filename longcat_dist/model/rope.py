@@ -28,8 +28,10 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
 
 def _axis_angles(num_positions: int, dim: int) -> Tensor:
     """Angles [num_positions, dim] of one axis, each frequency repeated twice (interleaved pairs)."""
-    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # [dim/2]
-    positions = torch.arange(num_positions, dtype=torch.float32)
+    # device="cpu" explicitly, so that a default-device context (torch.device("cuda")) cannot move the build.
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+    inv_freq = 1.0 / ROPE_BASE**exponents  # [dim/2]
+    positions = torch.arange(num_positions, dtype=torch.float32, device="cpu")
     angles = torch.outer(positions, inv_freq)  # [n, dim/2]
     return angles.repeat_interleave(2, dim=1)
 

@@ -56,7 +56,8 @@ class DiTConfig:
     frequency_embedding_size: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     text_tokens_zero_pad: bool = True
-    # Backend flags of the official config: they pick kernels there and change no maths here.
+    # Backend flags of the official config, kept so that its `dit/config.json` loads strictly. They are never read:
+    # the attention backend is chosen by `attention_implementation` (set_attention_backend), one knob for all runs.
     enable_flashattn2: bool = False
     enable_flashattn3: bool = False
     enable_xformers: bool = False
@@ -220,7 +221,8 @@ class LongCatVideoTransformer3DModel(nn.Module):
     def set_attention_backend(self, name: str, bsa: BSAParams | None = None) -> None:
         """Pick the self-attention backend: auto | sdpa | xformers | bsa (errors if it cannot run here).
 
-        auto (the default) runs block-sparse attention for video on CUDA and dense SDPA elsewhere.
+        auto (the default) runs block-sparse attention, an approximation, for video on CUDA and dense SDPA
+        elsewhere; sdpa gives the official model's dense numerics everywhere. The config's enable_bsa is not read.
         """
         self.attention = dataclasses.replace(
             resolve_backend(name, bsa), fused_elementwise=self.attention.fused_elementwise
@@ -297,14 +299,27 @@ class LongCatVideoTransformer3DModel(nn.Module):
                 f"num_cond_latents={num_cond_latents} must lie in [0, {frames}] (the latent frames)"
             )
         if kv_cache is not None:
-            if num_cond_latents <= 0:
-                raise ValueError("a kv_cache needs num_cond_latents > 0 (the number of cached cond frames)")
-            if len(kv_cache) != len(self.blocks):
-                raise ValueError(f"kv_cache holds {len(kv_cache)} blocks; the model has {len(self.blocks)}")
-            cache_batch = kv_cache[0][0].shape[0]
-            if cache_batch not in (1, batch):
-                raise ValueError(f"kv_cache batch {cache_batch} must be 1 or equal the input batch {batch}")
+            tokens_per_frame = (height // self.patch_size[1]) * (width // self.patch_size[2])
+            self._check_kv_cache(kv_cache, num_cond_latents, batch, tokens_per_frame)
         return batch, frames, height, width
+
+    def _check_kv_cache(
+        self, kv_cache: KVCache, num_cond_latents: int, batch: int, tokens_per_frame: int
+    ) -> None:
+        if num_cond_latents <= 0:
+            raise ValueError("a kv_cache needs num_cond_latents > 0 (the number of cached cond frames)")
+        if len(kv_cache) != len(self.blocks):
+            raise ValueError(f"kv_cache holds {len(kv_cache)} blocks; the model has {len(self.blocks)}")
+        cache_batch, _, cache_tokens, _ = kv_cache[0][0].shape
+        if cache_batch not in (1, batch):
+            raise ValueError(f"kv_cache batch {cache_batch} must be 1 or equal the input batch {batch}")
+        # The cache length, not num_cond_latents, would place RoPE and the keys: a mismatch must not pass silently.
+        if cache_tokens != num_cond_latents * tokens_per_frame:
+            raise ValueError(
+                f"kv_cache holds {cache_tokens / tokens_per_frame:g} cond frames ({cache_tokens} tokens of "
+                f"{tokens_per_frame} per frame) but num_cond_latents={num_cond_latents}; pass the number of frames "
+                "the cache was recorded from, at the same latent height and width"
+            )
 
     def _embed_timesteps(self, timestep: Tensor, batch: int, frames: int) -> Tensor:
         if timestep.ndim == 1:

@@ -73,3 +73,27 @@ def test_bf16_input_is_rotated_in_fp32_and_returned_in_bf16():
     out = apply_rope(x.to(torch.bfloat16), table)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), apply_rope(x, table), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_rotation_is_fp32_maths_with_one_cast():
+    x = (torch.randn(2, 2, 3 * 4 * 4, 32, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    table = rope_angles(32, (3, 4, 4))
+    cos, sin = table.cos()[:, 0::2], table.sin()[:, 0::2]
+    even, odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    expected = (
+        torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2).to(torch.bfloat16)
+    )
+    out = apply_rope(x, table)
+    assert torch.equal(out, expected)
+    cos16, sin16 = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+    even16, odd16 = x[..., 0::2], x[..., 1::2]
+    in_bf16 = torch.stack([even16 * cos16 - odd16 * sin16, odd16 * cos16 + even16 * sin16], -1).flatten(-2)
+    assert not torch.equal(out, in_bf16)
+
+
+def test_table_is_built_on_the_cpu_whatever_the_default_device():
+    """Spec §2.12 rule 6: a default-device context (e.g. torch.device("cuda")) must not move the build."""
+    with torch.device("meta"):
+        table = rope_angles.__wrapped__(128, (3, 4, 5))  # uncached, so the build runs inside the context
+    assert table.device.type == "cpu" and table.dtype == torch.float32
+    assert torch.equal(table, rope_angles(128, (3, 4, 5)))

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel
-from tests.model.reference_dit import reference_forward
+from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel, _gated_add
+from tests.model.reference_dit import reference_forward, reference_forward_bf16
 
 TINY = dict(
     hidden_size=64,
@@ -166,6 +166,26 @@ def test_kv_cache_equals_the_full_conditioned_forward():
     torch.testing.assert_close(noise, full[:, :, 2:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_cond", [1, 3])
+def test_kv_cache_with_another_num_cond_latents_is_an_error_naming_both(num_cond):
+    model = tiny_model()
+    latents, timesteps, text = inputs(frames=4)
+    with torch.no_grad():
+        _, cache = model(latents[:, :, :2], timesteps[:, :2], text, return_kv=True, skip_crs_attn=True)
+        with pytest.raises(ValueError, match=rf"kv_cache holds 2 cond frames .* num_cond_latents={num_cond}"):
+            model(latents[:, :, 2:], timesteps[:, 2:], text, num_cond_latents=num_cond, kv_cache=cache)
+
+
+def test_kv_cache_from_another_resolution_is_an_error():
+    model = tiny_model()
+    latents, timesteps, text = inputs(frames=3, height=4, width=6)
+    with torch.no_grad():
+        _, cache = model(latents[:, :, :1], timesteps[:, :1], text, return_kv=True, skip_crs_attn=True)
+        wider = torch.randn(1, 16, 2, 4, 8)
+        with pytest.raises(ValueError, match=r"kv_cache holds 0.75 cond frames \(6 tokens of 8 per frame\)"):
+            model(wider, timesteps[:, 1:], text, num_cond_latents=1, kv_cache=cache)
+
+
 def test_a_batch_one_cache_serves_a_larger_batch():
     model = tiny_model()
     latents, timesteps, text = inputs(batch=2, frames=3)
@@ -188,6 +208,25 @@ def test_per_frame_timesteps_change_only_their_own_frames_modulation():
     assert not torch.allclose(mod_a[:, 1], mod_b[:, 1])
 
 
+@pytest.mark.parametrize("frame", [0, 1, 2])
+def test_a_frames_timestep_modulates_only_that_frames_tokens(frame):
+    """Block 0's modulated attention input: the changed frame's S tokens move, the others stay bit-identical."""
+    model = tiny_model()
+    latents, timesteps, text = inputs(frames=3, height=4, width=6)  # S = 2·3 = 6 tokens per frame
+    changed = timesteps.clone()
+    changed[0, frame] += 250.0
+    seen = []
+    hook = model.blocks[0].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(latents, timesteps, text)
+        model(latents, changed, text)
+    hook.remove()
+    before, after = (x.view(1, 3, 6, 64) for x in seen)  # [B, T, S, C]
+    others = [f for f in range(3) if f != frame]
+    assert torch.equal(before[:, others], after[:, others])
+    assert (before[:, frame] != after[:, frame]).all(dim=-1).all()  # every token of that frame moved
+
+
 def test_timesteps_are_rounded_to_the_model_dtype_before_embedding():
     model = tiny_model().to(torch.bfloat16)
     near = model._embed_timesteps(torch.tensor([998.27]), 1, 1)
@@ -195,17 +234,41 @@ def test_timesteps_are_rounded_to_the_model_dtype_before_embedding():
     assert torch.equal(near, exact)  # 998.27 rounds to 1000 in bf16 (spec §2.12 rule 1)
 
 
-@pytest.mark.parametrize("interval", [1, 2])
-def test_gradient_checkpointing_gives_the_same_gradients(interval):
+def count_block_runs(model: LongCatVideoTransformer3DModel) -> list[int]:
+    """A list that counts the forward executions of each block (recomputations included) from now on."""
+    runs = [0] * len(model.blocks)
+
+    def counter(index: int):
+        return lambda module, args: runs.__setitem__(index, runs[index] + 1)
+
+    for index, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(counter(index))
+    return runs
+
+
+@pytest.mark.parametrize("interval, runs", [(1, [2, 2, 2, 2]), (2, [2, 1, 2, 1]), (3, [2, 1, 1, 2])])
+def test_gradient_checkpointing_recomputes_its_blocks_and_gives_the_same_gradients(interval, runs):
+    """Checkpointed blocks run twice (forward + recompute in the backward), the others once."""
     latents, timesteps, text = inputs()
-    grads = []
+    grads, counts = [], []
     for checkpointing in (0, interval):
-        model = tiny_model(depth=3).train()
+        model = tiny_model(depth=4).train()
         model.enable_gradient_checkpointing(checkpointing)
+        counts.append(count_block_runs(model))
         model(latents, timesteps, text, num_cond_latents=1).square().mean().backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert counts == [[1, 1, 1, 1], runs]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_is_off_in_eval_mode():
+    model = tiny_model(depth=2)
+    model.enable_gradient_checkpointing(1)
+    runs = count_block_runs(model)
+    latents, timesteps, text = inputs()
+    model(latents.requires_grad_(), timesteps, text).sum().backward()
+    assert runs == [1, 1]
 
 
 def test_text_padding_with_zero_pad_ignores_pad_content_but_not_pad_count():
@@ -233,6 +296,41 @@ def test_varlen_text_without_zero_pad_equals_each_sample_alone():
         second = model(latents[1:], timesteps[1:], text[1:, :, :2])
     torch.testing.assert_close(batched[:1], first, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batched[1:], second, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_add_is_fp32_maths_rounded_to_bf16_once():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3 * 8, 64, generator=gen) * 4).to(torch.bfloat16)
+    update = torch.randn(2, 3 * 8, 64, generator=gen).to(torch.bfloat16)
+    gate = torch.randn(2, 3, 1, 64, generator=gen)  # fp32, per latent frame
+    out = _gated_add(x, gate, update, frames=3)
+    per_frame = (2, 3, 8, 64)
+    expected = (
+        (x.float().view(per_frame) + gate * update.float().view(per_frame)).view_as(x).to(torch.bfloat16)
+    )
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    product_in_bf16 = x.view(per_frame) + (gate * update.view(per_frame)).to(torch.bfloat16)  # two roundings
+    gate_in_bf16 = x.view(per_frame) + gate.to(torch.bfloat16) * update.view(per_frame)
+    assert not torch.equal(out, product_in_bf16.view_as(x))
+    assert not torch.equal(out, gate_in_bf16.view_as(x))
+
+
+@pytest.mark.parametrize(
+    "num_cond, mask",
+    [(0, None), (1, None), (1, [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]), (2, [[1, 1, 0, 0, 0, 0], [1] * 6])],
+)
+@pytest.mark.parametrize("width", [64, 256])  # head dim 32 and 128 (the production RoPE split)
+def test_bf16_forward_equals_the_dtype_faithful_reference_bitwise(num_cond, mask, width):
+    model = tiny_model(hidden_size=width).to(torch.bfloat16)
+    model.set_attention_backend("sdpa")
+    latents, timesteps, text = inputs(batch=2, text_len=6)
+    timesteps[:, :num_cond] = 0
+    mask = None if mask is None else torch.tensor(mask)
+    with torch.no_grad():
+        ours = model(latents, timesteps, text, mask, num_cond_latents=num_cond)
+        theirs = reference_forward_bf16(model, latents, timesteps, text, num_cond, mask)
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert torch.equal(ours, theirs), f"max |diff| {(ours - theirs).abs().max().item():.3g}"
 
 
 def test_bf16_forward_runs_with_fp32_islands_and_stays_close_to_fp32():
