@@ -21,7 +21,6 @@ from longcat_dist.data.format import (
     FORMAT_VERSION,
     BucketInfo,
     Manifest,
-    ShardFormatError,
     ShardInfo,
     bucket_name,
     latent_shape,
@@ -29,15 +28,16 @@ from longcat_dist.data.format import (
 )
 from longcat_dist.encoders import vae_config_fingerprint
 from sharding.buckets import bucket_size, usable_frames
-from sharding.encode import EncodeActor, Encoders, EncoderSpec, encode_shard, sidecar_path
+from sharding.encode import EncodeActor, Encoders, EncoderSpec, encode_shard, sidecar_path, text_encoder_info
 from sharding.media import MediaError, read_image, read_video
+from sharding.output_root import check_output_root, remove_leftover_temp_files, root_fingerprint
 from sharding.pairing import pair_clips, require_paired
 
 logger = logging.getLogger(__name__)
 
 
 class BuildError(ValueError):
-    """A build that cannot go ahead: wrong output directory, nothing left to encode."""
+    """A build that cannot go ahead: nothing left to encode."""
 
 
 @dataclass(frozen=True)
@@ -118,23 +118,24 @@ def plan_shards(clips: list[dict], dataset_id: str, samples_per_shard: int) -> l
     return shards
 
 
-def check_output_root(root: Path, dataset_id: str, vae: dict) -> None:
-    """Refuse a root that holds another dataset's or another VAE's manifest; clear leftover temp files."""
-    if (root / "manifest.json").exists():
-        try:
-            existing = Manifest.load(root)
-        except ShardFormatError as err:
-            raise BuildError(
-                f"{root} holds a manifest this build cannot read ({err}); choose another directory"
-            ) from err
-        if existing.dataset_id != dataset_id or existing.vae.get("config_hash") != vae["config_hash"]:
-            raise BuildError(
-                f"{root} already holds a different manifest (dataset {existing.dataset_id!r}, VAE config "
-                f"{existing.vae.get('config_hash', '?')[:12]}) than this build (dataset {dataset_id!r}, VAE config "
-                f"{vae['config_hash'][:12]}); point cache_dir_vae/--out elsewhere or delete it"
-            )
-    for leftover in root.glob("**/.*.tmp"):
-        leftover.unlink()
+def build_params(dataset: DatasetSpec) -> dict:
+    """The parameters that shape the samples, as the manifest records them under `build`."""
+    # The instance prompt is every caption only under that strategy; elsewhere it changes no sample.
+    prompt = dataset.instance_prompt if dataset.caption_strategy == "instanceprompt" else None
+    return {"resolution": dataset.resolution, "frames": dataset.frames,
+            "min_frames": dataset.min_frames or dataset.frames, "alignment": dataset.alignment,
+            "caption_strategy": dataset.caption_strategy, "instance_prompt": prompt}  # fmt: skip
+
+
+def expected_fingerprint(dataset: DatasetSpec, encoders: EncoderSpec) -> dict[str, object]:
+    """What this build's manifest will record about how it was built, from configs alone (no weights read)."""
+    vae = vae_config_fingerprint(encoders.vae_path, tiny=encoders.tiny)
+    return root_fingerprint(dataset.dataset_id, vae, text_encoder_info(encoders), build_params(dataset))
+
+
+def check_dataset_root(dataset: DatasetSpec, encoders: EncoderSpec) -> None:
+    """Refuse dataset.out_root when its manifest was built another way; changes nothing on disk."""
+    check_output_root(dataset.out_root, expected_fingerprint(dataset, encoders))
 
 
 def _remove_stale(root: Path, dataset_id: str, planned: set[str]) -> None:
@@ -146,7 +147,9 @@ def _remove_stale(root: Path, dataset_id: str, planned: set[str]) -> None:
             sidecar_path(tar).unlink(missing_ok=True)
 
 
-def _manifest(dataset_id: str, fingerprint: dict, shards: list[dict], records: dict[str, dict]) -> Manifest:
+def _manifest(
+    dataset: DatasetSpec, fingerprint: dict, shards: list[dict], records: dict[str, dict]
+) -> Manifest:
     buckets: dict[str, BucketInfo] = {}
     for shard in shards:
         clip = shard["clips"][0]
@@ -156,8 +159,9 @@ def _manifest(dataset_id: str, fingerprint: dict, shards: list[dict], records: d
         record = records[shard["path"]]
         bucket.shards.append(ShardInfo(shard["path"], record["num_samples"], record["sha256"]))
     ordered = [buckets[name] for name in sorted(buckets)]
-    return Manifest(FORMAT_VERSION, dataset_id, {**fingerprint["vae"], "posterior": "mode"},
-                    fingerprint["text_encoder"], ordered, sum(b.num_samples for b in ordered))  # fmt: skip
+    return Manifest(FORMAT_VERSION, dataset.dataset_id, {**fingerprint["vae"], "posterior": "mode"},
+                    fingerprint["text_encoder"], ordered, sum(b.num_samples for b in ordered),
+                    build_params(dataset))  # fmt: skip
 
 
 def _run_local(rows: list[dict], shards_of, spec: EncoderSpec, root: Path) -> Iterator[dict]:
@@ -195,9 +199,9 @@ def build_dataset(dataset: DatasetSpec, options: BuildOptions) -> BuildSummary:
     started = time.perf_counter()
     summary = BuildSummary(dataset.dataset_id, dataset.out_root)
     spec = options.encoders
-    vae = vae_config_fingerprint(spec.vae_path, tiny=spec.tiny)
+    check_dataset_root(dataset, spec)
     dataset.out_root.mkdir(parents=True, exist_ok=True)
-    check_output_root(dataset.out_root, dataset.dataset_id, vae)
+    remove_leftover_temp_files(dataset.out_root)
     pairing = pair_clips(dataset.clip_dir, dataset.start_frame_dir, caption_strategy=dataset.caption_strategy,
                          instance_prompt=dataset.instance_prompt)  # fmt: skip
     require_paired(pairing, dataset.dataset_id, options.skip_unpaired)
@@ -224,7 +228,7 @@ def build_dataset(dataset: DatasetSpec, options: BuildOptions) -> BuildSummary:
     else:
         results = _run_local(rows, shards_of, spec, dataset.out_root)
     records, fingerprint = _collect(results, len(rows), dataset.dataset_id)
-    manifest = _manifest(dataset.dataset_id, fingerprint, plan, records)
+    manifest = _manifest(dataset, fingerprint, plan, records)
     manifest.save(dataset.out_root)
     summary.samples, summary.shards = manifest.total_samples, len(plan)
     summary.reused_shards = sum(1 for r in records.values() if r["reused"])

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
 from longcat_dist.config_values import ConfigError
 from longcat_dist.data.format import ShardFormatError
-from sharding.build import BuildError, BuildOptions, DatasetSpec, build_dataset
-from sharding.encode import EncoderSpec
+from sharding.build import BuildError, BuildOptions, DatasetSpec, build_dataset, check_dataset_root
+from sharding.encode import TEXT_ENCODER_KINDS, EncoderSpec
 from sharding.media import MediaError
+from sharding.output_root import OutputRootError
 from sharding.pairing import PairingError
 
 USER_ERRORS = (
     ConfigError,
     BuildError,
+    OutputRootError,
     PairingError,
     ShardFormatError,
     MediaError,
@@ -59,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--text-encoder-path", type=Path, help="umT5 dir with its tokenizer (overrides the root)"
     )
-    build.add_argument("--text-encoder", default="umt5", choices=("umt5", "qwen2.5-vl"))
+    build.add_argument("--text-encoder", default="umt5", choices=TEXT_ENCODER_KINDS)
     build.add_argument("--samples-per-shard", type=int, default=64)
     build.add_argument(
         "--skip-unpaired", action="store_true", help="leave out clips lacking a start frame/caption"
@@ -122,6 +125,9 @@ def _encoder_spec(args: argparse.Namespace, text: bool = True) -> EncoderSpec:
     text_path = (args.text_encoder_path or root) if text else None
     if not args.tiny and vae is None:
         raise ConfigError("command line", "--vae-path", None, "give --checkpoint-root, --vae-path or --tiny")
+    if text and not args.tiny and text_path is None:
+        rule = "give --checkpoint-root, --text-encoder-path or --tiny"
+        raise ConfigError("command line", "--text-encoder-path", None, rule)
     return EncoderSpec(tiny=args.tiny, vae_path=None if vae is None else str(vae),
                        text_encoder_path=None if text_path is None else str(text_path),
                        text_encoder_kind=getattr(args, "text_encoder", "umt5"), device=args.device)  # fmt: skip
@@ -131,6 +137,8 @@ def _build(args: argparse.Namespace) -> int:
     datasets = _datasets(args)
     options = BuildOptions(_encoder_spec(args), args.samples_per_shard, args.skip_unpaired,
                            args.num_encode_workers, use_ray=not args.local)  # fmt: skip
+    for dataset in datasets:  # refuse a wrong root before any dataset is built
+        check_dataset_root(dataset, options.encoders)
     started_ray = False
     if options.use_ray:
         import ray
@@ -180,9 +188,9 @@ def _demo(args: argparse.Namespace) -> int:
     from sharding.demo_data import make_demo_data
 
     config = make_demo_data(args.dir, train=args.train, val=args.val, seed=args.seed)
-    print(
-        f"wrote {args.train} train + {args.val} val clips; build with: longcat-shards build --config {config} --tiny"
-    )
+    # --local: the tiny encoders build the demo in seconds in-process; Ray start-up alone takes longer.
+    command = f"longcat-shards build --config {shlex.quote(str(config))} --tiny --local"
+    print(f"wrote {args.train} train + {args.val} val clips; build with: {command}")
     return 0
 
 

@@ -17,7 +17,16 @@ import torch
 import webdataset as wds
 
 from longcat_dist.data.format import encode_sample, save_null_text, sha256_file
-from longcat_dist.encoders import TextEncoder, build_text_encoder, build_vae, encode_frames, vae_fingerprint
+from longcat_dist.encoders import (
+    TINY_MAX_LENGTH,
+    TINY_TEXT_DIM,
+    UMT5_MAX_LENGTH,
+    TextEncoder,
+    build_text_encoder,
+    build_vae,
+    encode_frames,
+    vae_fingerprint,
+)
 from sharding.buckets import resize_to_bucket
 from sharding.media import read_image, read_video
 
@@ -33,6 +42,37 @@ class EncoderSpec:
     text_encoder_path: str | None = None
     text_encoder_kind: str = "umt5"
     device: str = "cpu"
+
+
+TEXT_ENCODER_KINDS = ("umt5", "qwen2.5-vl")
+
+
+def text_encoder_info(spec: EncoderSpec) -> dict:
+    """What the manifest's `text_encoder` entry will hold, from the model's config.json alone (no weights read).
+
+    It mirrors what `build_text_encoder` reports once loaded: both kinds pad to UMT5_MAX_LENGTH, and the width is
+    the model's hidden size (umT5 `d_model`, Qwen2.5-VL `text_config.hidden_size`).
+    """
+    kind = spec.text_encoder_kind
+    if kind not in TEXT_ENCODER_KINDS:
+        raise ValueError(f"text encoder kind {kind!r}: choose one of {list(TEXT_ENCODER_KINDS)}")
+    if spec.tiny:
+        return {"name": f"{kind}-tiny", "max_length": TINY_MAX_LENGTH, "dim": TINY_TEXT_DIM}
+    if spec.text_encoder_path is None:
+        raise ValueError(
+            "text_encoder_info: give a text encoder path (--text-encoder-path or --checkpoint-root)"
+        )
+    from transformers import AutoConfig
+
+    path = Path(spec.text_encoder_path)
+    # The umT5 loader reads `text_encoder/` of an official checkpoint root, or the directory itself.
+    model_dir = (
+        path / "text_encoder" if kind == "umt5" and (path / "text_encoder" / "config.json").exists() else path
+    )
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a {kind} model directory")
+    config = AutoConfig.from_pretrained(str(model_dir)).get_text_config()
+    return {"name": kind, "max_length": UMT5_MAX_LENGTH, "dim": int(config.hidden_size)}
 
 
 class Encoders:

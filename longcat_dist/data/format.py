@@ -101,6 +101,9 @@ class Manifest:
     text_encoder: dict  # name, max_length, dim
     buckets: list[BucketInfo]
     total_samples: int
+    # How the builder made the shards (resolution, frames, ...), so a rebuild can refuse a root built another way.
+    # Readers ignore it; manifests written before it existed load with {}.
+    build: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as indented JSON."""
@@ -134,6 +137,7 @@ class Manifest:
             text_encoder=text_encoder,
             buckets=buckets,
             total_samples=_field(data, "total_samples", int, source),
+            build=_field(data, "build", dict, source) if "build" in data else {},
         )
         counted = sum(b.num_samples for b in buckets)
         if counted != manifest.total_samples:

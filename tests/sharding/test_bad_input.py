@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import UMT5Config
 
+from longcat_dist.encoders import vae_config_fingerprint
 from sharding.cli import main
 from sharding.demo_data import DEMO_FRAMES, make_demo_data
 from sharding.media import write_video
@@ -91,12 +93,62 @@ def test_unknown_conditioning_id_is_a_config_error(source: Path, tmp_path: Path,
     assert not (tmp_path / "cache").exists()
 
 
-def test_output_dir_with_a_different_manifest_is_refused(data: Path, tmp_path: Path, capsys):
+@pytest.fixture(scope="module")
+def built(source: Path, tmp_path_factory) -> Path:
+    """`source` built once with the defaults of `_build` (dataset "bad", 64 px, 9 frames, tiny umT5)."""
+    out = tmp_path_factory.mktemp("built") / "out"
+    assert _build(source, out) == 0
+    return out
+
+
+def _snapshot(root: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    ("flags", "field", "old", "new"),
+    [
+        (["--dataset-id", "other"], "dataset_id", "'bad'", "'other'"),
+        (["--text-encoder", "qwen2.5-vl"], "text_encoder.name", "'umt5-tiny'", "'qwen2.5-vl-tiny'"),
+        (["--frames", "5"], "build.frames", "9", "5"),
+        (["--resolution", "128"], "build.resolution", "64", "128"),
+        (["--alignment", "32"], "build.alignment", "64", "32"),
+        (["--caption-strategy", "filename"], "build.caption_strategy", "'textfile'", "'filename'"),
+    ],
+)  # fmt: skip
+def test_output_dir_built_another_way_is_refused(
+    source: Path, built: Path, tmp_path: Path, capsys, flags: list[str], field: str, old: str, new: str
+):
     out = tmp_path / "out"
-    assert _build(data, out) == 0
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    args = ["build", "--clips", str(data / "clips"), "--start-frames", str(data / "start_frames"), "--out", str(out),
-            "--dataset-id", "other", "--resolution", "64", "--frames", "9", "--tiny", "--local"]  # fmt: skip
+    shutil.copytree(built, out)
+    before = _snapshot(out)
+    # argparse keeps the last of a repeated flag, so `flags` override the defaults of `_build`.
+    assert _build(source, out, *flags) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a different manifest: {field} is {old} there, {new} in this build" in err
+    assert "another --out" in err and f"delete {out}" in err
+    assert _snapshot(out) == before  # refused before anything changed
+
+
+def test_output_dir_with_another_vae_is_refused_before_any_weights_are_read(
+    source: Path, built: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "out"
+    shutil.copytree(built, out)
+    before = _snapshot(out)
+    # A checkpoint root of configs only: the refusal must come before a weight file is looked for.
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "vae").mkdir(parents=True)
+    (checkpoint / "text_encoder").mkdir()
+    (checkpoint / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan"}))
+    UMT5Config().save_pretrained(checkpoint / "text_encoder")
+    args = ["build", "--clips", str(source / "clips"), "--start-frames", str(source / "start_frames"), "--out",
+            str(out), "--dataset-id", "bad", "--resolution", "64", "--frames", str(DEMO_FRAMES), "--checkpoint-root",
+            str(checkpoint), "--local"]  # fmt: skip
     assert main(args) == 2
-    assert "already holds a different manifest (dataset 'bad'" in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # untouched
+    err = capsys.readouterr().err
+    recorded = json.loads((out / "manifest.json").read_text())["vae"]["config_hash"]
+    wanted = vae_config_fingerprint(checkpoint)["config_hash"]
+    assert f"vae.config_hash is {recorded!r} there, {wanted!r} in this build" in err
+    assert "text_encoder.name is 'umt5-tiny' there, 'umt5' in this build" in err
+    assert _snapshot(out) == before

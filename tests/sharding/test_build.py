@@ -2,13 +2,14 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 
 from longcat_dist.data.format import Manifest, decode_sample, load_null_text
-from sharding.build import BuildOptions, DatasetSpec, build_dataset
+from sharding.build import BuildOptions, DatasetSpec, build_dataset, build_params
 from sharding.cli import main
 from sharding.demo_data import DEMO_FRAMES, TRAIN_ID, VAL_ID, make_demo_data
 from sharding.encode import Encoders, EncoderSpec
@@ -52,6 +53,8 @@ def test_build_writes_verifiable_shards(demo: Path):
     )
     assert sample.text.shape[0] == len(sample.meta["caption"].split()) + 1  # unpadded: words + EOS
     assert Manifest.load(demo / "cache" / VAL_ID).total_samples == 2
+    assert manifest.build == {"resolution": 64, "frames": DEMO_FRAMES, "min_frames": DEMO_FRAMES, "alignment": 64,
+                              "caption_strategy": "textfile", "instance_prompt": None}  # fmt: skip
 
 
 def test_latents_match_a_direct_encode(demo: Path):
@@ -105,6 +108,50 @@ def test_interrupted_build_leaves_no_partial_shard(demo: Path, tmp_path: Path, m
     assert summary.reused_shards == 1 and summary.samples == 6 and verify(tmp_path / "out") == []
 
 
+def test_next_build_removes_the_temp_files_a_hard_kill_left(demo: Path, tmp_path: Path):
+    shutil.copytree(demo, tmp_path / "demo")
+    root = tmp_path / "demo" / "cache" / TRAIN_ID
+    tar = root / Manifest.load(root).buckets[0].shards[0].path
+    # What a SIGKILL mid-write leaves: the `.<name>.<pid>.tmp` of a shard, its sidecar, the manifest, the null text.
+    leftovers = [tar.with_name(f".{tar.name}.4242.tmp"), tar.with_name(f".{tar.name}.json.4242.tmp"),
+                 root / ".manifest.json.4242.tmp", root / ".null_text.safetensors.4242.tmp"]  # fmt: skip
+    for leftover in leftovers:
+        leftover.write_bytes(tar.read_bytes()[:1000])  # half a shard
+    summary = build_dataset(_train_spec(tmp_path / "demo"), TINY)
+    assert summary.reused_shards == summary.shards == 3
+    assert [p for p in leftovers if p.exists()] == [] and not list(root.rglob("*.tmp"))
+    assert verify(root) == []
+
+
+def test_config_build_refuses_a_wrong_root_before_building_any_dataset(demo: Path, tmp_path: Path, capsys):
+    data = tmp_path / "demo"
+    shutil.copytree(demo, data)
+    shutil.rmtree(data / "cache" / TRAIN_ID)  # the config builds train first, then val
+    val_root = data / "cache" / VAL_ID
+    val_manifest = val_root / "manifest.json"
+    recorded = json.loads(val_manifest.read_text())
+    recorded["build"]["frames"] = 5
+    val_manifest.write_text(json.dumps(recorded))
+    assert main(["build", "--config", str(data / "multidatabackend.json"), "--tiny", "--local"]) == 2
+    err = capsys.readouterr().err
+    assert f"{val_root} already holds a different manifest: build.frames is 5 there, 9 in this build" in err
+    assert not (data / "cache" / TRAIN_ID).exists()
+
+
+def test_a_manifest_without_build_params_still_resumes(demo: Path, tmp_path: Path, caplog):
+    root = tmp_path / "root"
+    shutil.copytree(demo / "cache" / TRAIN_ID, root)
+    recorded = json.loads((root / "manifest.json").read_text())
+    del recorded["build"]
+    (root / "manifest.json").write_text(json.dumps(recorded))
+    assert Manifest.load(root).build == {}
+    spec = replace(_train_spec(demo), out_root=root)
+    summary = build_dataset(spec, TINY)
+    assert summary.reused_shards == summary.shards == 3
+    assert "does not record ['build.alignment', 'build.caption_strategy'" in caplog.text
+    assert Manifest.load(root).build == build_params(spec)  # recorded from now on
+
+
 def test_verify_reports_a_corrupted_shard(demo: Path, tmp_path: Path, capsys):
     root = tmp_path / "copy"
     shutil.copytree(demo / "cache" / VAL_ID, root)
@@ -122,7 +169,14 @@ def test_inspect_and_render_a_sample(demo: Path, tmp_path: Path, capsys):
     key = "train_000"
     assert main(["inspect", str(root), "--sample", key, "--tiny", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "64x128x9: 2 samples in 1 shards" in out and "caption words min 5" in out
+    assert "caption words min 5" in out
+    # [16, T, h, w] of 9 frames at 64x128 and at 64x64
+    shapes = {"64x128x9": [16, 3, 8, 16], "64x64x9": [16, 3, 8, 8]}
+    for bucket in Manifest.load(root).buckets:
+        mib = sum((root / shard.path).stat().st_size for shard in bucket.shards) / 2**20
+        assert mib >= 0.01  # so that the printed size is not a rounded-away 0.00
+        line = f"  {bucket.name}: {bucket.num_samples} samples in {len(bucket.shards)} shards, latents "
+        assert f"{line}{shapes[bucket.name]}, {mib:.2f} MiB; caption words" in out
     frames, fps = read_video(tmp_path / f"{key}.mp4")
     assert frames.shape == (DEMO_FRAMES, 64, 128, 3) and fps == 8.0
     sheet = read_image(tmp_path / f"{key}.png")  # cond frame + 9 frames, 8 per row
