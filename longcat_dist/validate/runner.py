@@ -126,7 +126,8 @@ class ValidationRunner:
         self.vae = build_vae(
             settings.checkpoint, tiny=settings.tiny_model, device=self.device, dtype=vae_dtype
         )
-        self.items, self._negative, self._text_length = self._load_items()
+        # The negative prompt's embedding [L, D] that CFG uses: the shards' null text unless the user gave one.
+        self.items, self.negative_text, self._text_length = self._load_items()
         self._references: dict[str, tuple[Any, Any]] = {}
         self._summaries = ValidationSummaries(settings.tensorboard_dir) if settings.tensorboard_dir else None
 
@@ -173,7 +174,7 @@ class ValidationRunner:
         frames = item.truth.shape[1] if item.truth is not None else latent_frames_for(settings.num_frames)
         # With text_tokens_zero_pad the official pipeline pads to the encoder's max length; it changes the output.
         length = self._text_length if self.model.config.text_tokens_zero_pad else None
-        text, mask, negative, negative_mask = pad_prompts([item.text], [self._negative], length)
+        text, mask, negative, negative_mask = pad_prompts([item.text], [self.negative_text], length)
         generator = torch.Generator().manual_seed(settings.seed + index)
         latents = sample_i2v(self.model, item.cond_latents[None], text, mask, negative_text=negative,
                              negative_mask=negative_mask, num_latent_frames=frames, num_steps=settings.num_steps,
@@ -195,7 +196,7 @@ class ValidationRunner:
 
     def run(self, request: ValidationRequest) -> dict[str, Any]:
         """Validate one LoRA: an MP4 per item, a contact sheet, metrics.json and summaries under step_<k>/."""
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         self.apply_lora(request.lora_path)
         folder = step_dir(self.settings.output_dir, request.step)
         folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +217,7 @@ class ValidationRunner:
                 self._summaries.video(request.step, f"validation/video/{item.key}", video, self.settings.fps)
         sheet = contact_sheet(rows)
         sheet.save(folder / SHEET_FILE)
-        report = _report(request, records, time.perf_counter() - started)
+        report = _report(request, records, started_at, time.perf_counter() - started)
         _write_json(folder / METRICS_FILE, report)
         if self._summaries is not None:
             self._summaries.scalars(request.step, {f"validation/{k}": v for k, v in report["mean"].items()})
@@ -239,11 +240,13 @@ class ValidationRunner:
             self._summaries.close()
 
 
-def _report(request: ValidationRequest, records: list[dict], seconds: float) -> dict[str, Any]:
+def _report(
+    request: ValidationRequest, records: list[dict], started_at: float, seconds: float
+) -> dict[str, Any]:
     numeric = sorted({k for r in records for k, v in r.items() if isinstance(v, float)})
     mean = {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in numeric}
-    return {"step": request.step, "lora_path": request.lora_path, "seconds": seconds, "mean": mean,
-            "samples": records}  # fmt: skip
+    return {"step": request.step, "lora_path": request.lora_path, "started_at": started_at, "seconds": seconds,
+            "mean": mean, "samples": records}  # fmt: skip
 
 
 def _strict(value: Any) -> Any:

@@ -5,7 +5,7 @@ import time
 import pytest
 import ray
 import torch
-from validate_helpers import random_eval_set, write_config, write_lora
+from validate_helpers import local_ray, random_clips, shut_down_leftover_ray, write_config, write_lora
 
 from longcat_dist.config import load_config
 from longcat_dist.validate.actor import VALIDATION_ACTOR_NAME, start_validation_actor
@@ -16,11 +16,9 @@ NAMESPACE = "validate-test"
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(
-        num_cpus=2, include_dashboard=False, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False
-    )
-    yield
-    ray.shutdown()
+    # One GPU as Ray counts it (this host has none): enough to place an actor that asks for a fraction of one.
+    with local_ray(num_cpus=2, num_gpus=1, namespace=NAMESPACE):
+        yield
 
 
 def _wait_for(actor, predicate, timeout=120.0):
@@ -38,12 +36,40 @@ def _wait_for(actor, predicate, timeout=120.0):
 
 def _config(tmp_path, clips=2, **changes):
     path = write_config(tmp_path, **changes)
-    random_eval_set(tmp_path, count=clips)
+    random_clips(tmp_path, count=clips)
     return load_config(path)
+
+
+def test_a_ray_left_up_by_an_earlier_test_is_shut_down_with_a_warning():
+    assert not ray.is_initialized()
+    # What a careless earlier module leaves behind.
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.warns(UserWarning, match="an earlier test left Ray initialized"):
+            shut_down_leftover_ray()  # what local_ray does first, so that its ray.init succeeds
+        assert not ray.is_initialized()
+    finally:
+        ray.shutdown()
 
 
 def test_no_actor_when_validation_is_off(tmp_path):
     assert start_validation_actor(_config(tmp_path, validation_steps=0)) is None
+    assert not ray.is_initialized(), "with validation off no Ray call may start a Ray on its own"
+
+
+@pytest.mark.integration
+def test_a_fractional_gpu_count_is_accepted_and_held_by_the_actor(ray_session, tmp_path):
+    cfg = _config(tmp_path, use_gpu=True, validation_num_gpus=0.5)
+    assert cfg.validation_num_gpus == 0.5
+    handle = start_validation_actor(cfg)
+    try:
+        _wait_for(handle, lambda s: s["submitted"] == 0)  # constructed, so placed with its resources
+        deadline = time.monotonic() + 30  # the cluster's resource view follows the raylet with a short delay
+        while ray.available_resources().get("GPU") != 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ray.available_resources().get("GPU") == 0.5, "the actor must hold half of the one GPU"
+    finally:
+        ray.kill(handle, no_restart=True)
 
 
 class TinyTrainer:

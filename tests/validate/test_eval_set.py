@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from validate_helpers import FRAMES, SIZE, TEXT_DIM, write_eval_shards
+from validate_helpers import FRAMES, SIZE, TEXT_DIM, write_clip_shards
 
 from longcat_dist.data import format as fmt
 from longcat_dist.validate.eval_set import read_eval_split
@@ -17,7 +17,7 @@ def _clips(count):
 
 def test_reads_samples_in_shard_order_up_to_the_limit(tmp_path):
     videos, texts = _clips(5)
-    write_eval_shards(tmp_path, videos, texts)
+    write_clip_shards(tmp_path, videos, texts)
     items, null_text, manifest = read_eval_split(tmp_path, limit=3)
     assert [i.key for i in items] == ["clip0", "clip1", "clip2"] and manifest.total_samples == 5
     assert items[1].caption == "clip 1" and items[1].text.shape == (2, TEXT_DIM)
@@ -27,7 +27,7 @@ def test_reads_samples_in_shard_order_up_to_the_limit(tmp_path):
 
 
 def test_a_missing_shard_names_its_path(tmp_path):
-    write_eval_shards(tmp_path, *_clips(1))
+    write_clip_shards(tmp_path, *_clips(1))
     shard = next(tmp_path.rglob("*.tar"))
     shard.unlink()
     with pytest.raises(fmt.ShardFormatError, match=f"{shard.name}: listed in .*manifest.json but missing"):

@@ -1,7 +1,7 @@
 """End to end on CPU: a LoRA trained on a clip makes validation reproduce that clip better than the base does."""
 
 import torch
-from validate_helpers import FRAMES, SIZE, write_config, write_eval_shards
+from validate_helpers import FRAMES, SIZE, write_clip_shards, write_config
 
 from longcat_dist.config import load_config
 from longcat_dist.encoders import build_text_encoder, build_vae, encode_frames
@@ -61,7 +61,7 @@ def test_validation_latent_mse_drops_after_training(tmp_path):
     cfg = load_config(config)
     video, text, null_text = _encoded_clip()
     shards = tmp_path / "shards" / "val"
-    write_eval_shards(shards, [video], [text], null_text=null_text, max_length=TEXT_LENGTH)
+    write_clip_shards(shards, [video], [text], null_text=null_text, max_length=TEXT_LENGTH)
     runner = ValidationRunner(settings_from_config(cfg))
     before = runner.run(ValidationRequest(0, None))["mean"]["latent_mse"]
     lora_path = tmp_path / "lora.safetensors"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import time
 
 import av
 import numpy as np
@@ -9,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from validate_helpers import FRAMES, SIZE, write_lora
+from validate_helpers import FRAMES, SIZE, write_config, write_lora
 
+from longcat_dist.config import load_config
+from longcat_dist.data.format import load_null_text
+from longcat_dist.encoders import build_text_encoder
 from longcat_dist.validate.gallery import step_dir
 from longcat_dist.validate.queue import ValidationRequest
 from longcat_dist.validate.runner import ValidationRunner, settings_from_config
@@ -19,6 +23,7 @@ from longcat_dist.validate.runner import ValidationRunner, settings_from_config
 def test_a_run_writes_videos_sheet_metrics_and_summaries(eval_config):
     runner = ValidationRunner(settings_from_config(eval_config))
     lora_path = write_lora(eval_config, eval_config.output_dir / "lora-4.safetensors", step=4)
+    began = time.time()
     report = runner.run(ValidationRequest(4, str(lora_path)))
     runner.close()
     folder = step_dir(eval_config.output_dir, 4)
@@ -33,6 +38,7 @@ def test_a_run_writes_videos_sheet_metrics_and_summaries(eval_config):
         assert sample["first_frame_mae"] == pytest.approx(0.0, abs=1e-6)
     written = json.loads((folder / "metrics.json").read_text())
     assert written["lora_path"] == str(lora_path) and written["step"] == 4
+    assert began <= written["started_at"] <= written["started_at"] + written["seconds"] <= time.time()
     expected_mean = sum(s["latent_mse"] for s in report["samples"]) / 2
     assert written["mean"]["latent_mse"] == pytest.approx(expected_mean)
     # Two rows of 1 start + 4 generated + 4 ground-truth tiles.
@@ -67,6 +73,21 @@ def test_a_missing_lora_raises_and_the_failure_is_written_for_the_gallery(eval_c
     assert "missing.safetensors" in error and "FileNotFoundError" in error
 
 
+def test_the_negative_is_the_shards_null_text_unless_a_negative_prompt_is_set(eval_config, tmp_path):
+    default = ValidationRunner(settings_from_config(eval_config))
+    null_text = load_null_text(eval_config.dataset(eval_config.eval_dataset_id).cache_dir_vae)  # [1, D]
+    assert torch.equal(default.negative_text, null_text)
+    # 7 tokens with EOS: within the eval manifest's text length of 8, to which every prompt is padded.
+    chosen = ValidationRunner(settings_from_config(
+        load_config(write_config(tmp_path, validation_negative_prompt="blurry"))
+    ))  # fmt: skip
+    prompt_text = build_text_encoder("umt5", tiny=True).encode(["blurry"])[0]  # [7, D]
+    assert prompt_text.shape[0] > 1 and torch.equal(chosen.negative_text, prompt_text)
+    # The negative reaches the sampler: with CFG (guidance 4) the same clip and noise give other latents.
+    item = default.items[0]
+    assert not torch.allclose(default.generate(item, 0), chosen.generate(item, 0), atol=1e-4)
+
+
 def test_prompt_mode_encodes_the_prompt_and_the_start_frame(eval_config, tmp_path):
     Image.fromarray(np.full((48, 64, 3), 200, np.uint8)).save(tmp_path / "start.png")
     settings = dataclasses.replace(settings_from_config(eval_config), eval_root=None, prompt="a red ball moves left",
@@ -74,6 +95,8 @@ def test_prompt_mode_encodes_the_prompt_and_the_start_frame(eval_config, tmp_pat
     runner = ValidationRunner(settings)
     (item,) = runner.items
     assert item.cond_latents.shape == (16, 1, SIZE // 8, SIZE // 8) and item.truth is None
+    # No shards, so no stored null text: the empty negative prompt is encoded like the prompt.
+    assert torch.equal(runner.negative_text, build_text_encoder("umt5", tiny=True).encode([""])[0])
     report = runner.run(ValidationRequest(0, None))
     (sample,) = report["samples"]
     # Against the real start image the drift is the VAE's round-trip error (random tiny VAE: large).

@@ -1,6 +1,9 @@
-"""Helpers of the validation tests: tiny eval shards (the real shard contract), configs and LoRA files."""
+"""Helpers of the validation tests: tiny clip shards (the real shard contract), configs, LoRA files, a local Ray."""
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,18 +33,23 @@ def _video_dataset(name: str) -> list[dict]:
     ]  # fmt: skip
 
 
-def write_eval_shards(
+def write_clip_shards(
     root: Path,
     videos: list[torch.Tensor],
     texts: list[torch.Tensor],
     null_text: torch.Tensor | None = None,
     max_length: int = MAX_LENGTH,
+    dataset_id: str = "val",
 ) -> fmt.Manifest:
-    """One bucket, one shard: clip latents [16, T, h, w] with their first frame as cond, plus the null text."""
+    """One bucket, one shard: clip latents [16, T, h, w] with their first frame as cond, plus the null text.
+
+    The text width (the manifest's `dim`) is that of `texts`; the tiny DiT reads TEXT_DIM.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    text_dim = texts[0].shape[-1]
     name = fmt.bucket_name(FRAMES, SIZE, SIZE)
     bucket = fmt.BucketInfo(name, FRAMES, SIZE, SIZE, fmt.latent_shape(FRAMES, SIZE, SIZE))
-    rel = fmt.shard_relpath("val", name, 0)
+    rel = fmt.shard_relpath(dataset_id, name, 0)
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(root / rel), encoder=False) as sink:
         for index, (video, text) in enumerate(zip(videos, texts, strict=True)):
@@ -54,11 +62,11 @@ def write_eval_shards(
         "latents_mean": [0.0] * 16,
         "latents_std": [1.0] * 16,
     }
-    text_encoder = {"name": "umt5-tiny", "max_length": max_length, "dim": TEXT_DIM}
-    manifest = fmt.Manifest(fmt.FORMAT_VERSION, "val", vae, text_encoder, [bucket], len(videos))
+    text_encoder = {"name": "umt5-tiny", "max_length": max_length, "dim": text_dim}
+    manifest = fmt.Manifest(fmt.FORMAT_VERSION, dataset_id, vae, text_encoder, [bucket], len(videos))
     manifest.save(root)
     if null_text is None:
-        null_text = torch.randn(1, TEXT_DIM, generator=torch.Generator().manual_seed(9))
+        null_text = torch.randn(1, text_dim, generator=torch.Generator().manual_seed(9))
     fmt.save_null_text(root, null_text)
     return manifest
 
@@ -72,12 +80,17 @@ def write_config(directory: Path, **changes: object) -> Path:
     return path
 
 
-def random_eval_set(directory: Path, count: int = 2, seed: int = 0) -> None:
-    """Random clips (the model has not seen them) as the eval split of `directory`'s config."""
+def random_clips(
+    directory: Path, dataset_id: str = "val", count: int = 2, seed: int = 0, text_dim: int = TEXT_DIM
+) -> None:
+    """Random clips (unseen by the model) as the shards of dataset `dataset_id` of `directory`'s config.
+
+    write_config names two: "val" (the eval split) and "clips" (the training set).
+    """
     gen = torch.Generator().manual_seed(seed)
     videos = [torch.randn(fmt.latent_shape(FRAMES, SIZE, SIZE), generator=gen) for _ in range(count)]
-    texts = [torch.randn(2 + i, TEXT_DIM, generator=gen) for i in range(count)]
-    write_eval_shards(directory / "shards" / "val", videos, texts)
+    texts = [torch.randn(2 + i, text_dim, generator=gen) for i in range(count)]
+    write_clip_shards(directory / "shards" / dataset_id, videos, texts, dataset_id=dataset_id)
 
 
 def write_lora(cfg, path: Path, step: int, seed: int = 0) -> Path:
@@ -91,3 +104,33 @@ def write_lora(cfg, path: Path, step: int, seed: int = 0) -> Path:
             weight.copy_(0.1 * torch.randn(weight.shape, generator=gen))
     lora.export_lora(model, path, metadata={"base_model": "tiny-random-dit", "step": step})
     return path
+
+
+def shut_down_leftover_ray() -> None:
+    """Shut down a Ray that an earlier test left initialized (a bug of that test), with a warning that says so."""
+    import ray
+
+    if ray.is_initialized():
+        warnings.warn(
+            "an earlier test left Ray initialized (ray.get, ray.get_actor and actor calls start one on their "
+            "own); it must shut down the Ray it started. Shutting it down here.",
+            stacklevel=2,
+        )
+        ray.shutdown()
+
+
+@contextmanager
+def local_ray(**init_args: object) -> Iterator[None]:
+    """A quiet local Ray (no dashboard, no driver logs) for one test module; shut down when the block ends.
+
+    A Ray left up by an earlier test is shut down first (with a warning), so that this module does not fail with
+    "Maybe you called ray.init twice by accident?" for another module's bug.
+    """
+    import ray
+
+    shut_down_leftover_ray()
+    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False, **init_args)
+    try:
+        yield
+    finally:
+        ray.shutdown()
