@@ -15,7 +15,7 @@ from k8s_schemas import pod_templates
 
 RAY_KINDS = ("RayJob", "RayCluster")
 # Env names that hold credentials: such a variable must come from a Secret, never a literal.
-SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY", re.IGNORECASE)
+SECRET_NAME = re.compile(r"TOKEN(?!IZER)|SECRET|PASSW|CREDENTIAL|PRIVATE|API_?KEY|ACCESS_?KEY", re.IGNORECASE)
 # Values that look like credentials whatever the variable's name.
 SECRET_VALUE = re.compile(
     r"AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|gh[pousr]_[A-Za-z0-9]{20,}|xox[abp]-|hf_[A-Za-z0-9]{20,}"
@@ -218,6 +218,44 @@ def secret_literal_problems(obj: dict) -> list[str]:
             problems.append(f"{where}: {name} looks like a credential; read it from a Secret (secretKeyRef)")
         elif SECRET_VALUE.search(str(value)):
             problems.append(f"{where}: the value of {name} looks like a credential")
+    return problems
+
+
+def runtime_env_problems(runtime_env: dict, where: str) -> list[str]:
+    """A runtime env as YAML data: no credential in it (Ray logs it), like the manifests' runtimeEnvYAML."""
+    problems = []
+    for path, name, value in _scalars(runtime_env, where):
+        if SECRET_NAME.search(name):
+            problems.append(f"{path}: {name} looks like a credential; give it through the nodes' environment")
+        elif SECRET_VALUE.search(str(value)):
+            problems.append(f"{path}: the value of {name} looks like a credential")
+    return problems
+
+
+# What every GPU pod of a training cluster sets: collectives over the pod network, NVLink multicast off.
+GPU_ENV = {"NCCL_SOCKET_IFNAME": None, "GLOO_SOCKET_IFNAME": None, "NCCL_NVLS_ENABLE": "0"}
+
+
+def gpu_placement_problems(obj: dict) -> list[str]:
+    """GPU pods carry the NCCL/gloo environment and the nodeSelector + toleration placeholders of a shared cluster."""
+    problems = []
+    for where, template in pod_templates(obj):
+        if gpus(template) == 0:
+            continue
+        spec = template["spec"]
+        if not spec.get("nodeSelector"):
+            problems.append(f"{where}: a GPU pod without a nodeSelector (placeholder for the GPU nodes' label)")
+        if not any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])):
+            problems.append(f"{where}: a GPU pod without a toleration of the nvidia.com/gpu taint")
+        if where.endswith("gpu-validate"):
+            continue  # the validation actor samples on its GPU alone: no collectives
+        for container in spec["containers"]:
+            env = _env(container)
+            for name, wanted in GPU_ENV.items():
+                value = env.get(name, {}).get("value")
+                if value is None or (wanted is not None and value != wanted):
+                    expected = f"= {wanted!r}" if wanted is not None else "set"
+                    problems.append(f"{where}: container {container['name']} needs {name} {expected}, has {value!r}")
     return problems
 
 

@@ -177,11 +177,28 @@ def test_entrypoint_names_a_module_and_a_config_of_the_repository(renderings: di
     assert target.is_file(), f"{' '.join(command[:3])}: {target.relative_to(REPO_ROOT)} does not exist (yet)"
 
 
-def _overrides(entrypoint: str) -> dict[str, str]:
-    """`--key value` pairs after --config on a launch.train command line."""
+def _overrides(entrypoint: str) -> dict:
+    """The config overrides of a launch.train command line, parsed by launch.train's own parser."""
+    from launch.train import build_parser, parse_overrides
+
     words = shlex.split(entrypoint)
-    pairs = words[words.index("--config") + 2 :]
-    return {pairs[i].removeprefix("--"): pairs[i + 1] for i in range(0, len(pairs), 2)}
+    assert words[:3] == ["python", "-m", "launch.train"], entrypoint
+    return parse_overrides(build_parser().parse_args(words[3:]).set)
+
+
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n.endswith(("base/train", "-node"))])
+def test_training_entrypoint_is_accepted_by_launch_train(renderings: dict, name: str) -> None:
+    # Parse the command line the way the job's driver will, and load the config with its overrides.
+    from launch.train import build_parser, parse_overrides
+    from longcat_dist.config import load_config
+
+    words = shlex.split(_ray(renderings[name])["spec"]["entrypoint"])
+    try:
+        args = build_parser().parse_args(words[3:])
+    except SystemExit:
+        pytest.fail(f"{name}: launch.train rejects the entrypoint arguments {words[3:]}")
+    cfg = load_config(REPO_ROOT / args.config.removeprefix(APP_ROOT), parse_overrides(args.set))
+    assert cfg.num_workers == int(_overrides(" ".join(words))["num_workers"])
 
 
 def _group(obj: dict, name: str) -> dict:

@@ -11,10 +11,13 @@ from k8s_paths import KUSTOMIZATIONS, REPO_ROOT
 from k8s_policy import (
     auth_problems,
     exposure_problems,
+    gpu_placement_problems,
+    gpus,
     network_policy_problems,
     pod_security_problems,
     ray_objects,
     resource_problems,
+    runtime_env_problems,
     secret_literal_problems,
 )
 from k8s_schemas import pod_templates
@@ -144,3 +147,42 @@ def test_every_secret_the_manifests_read_is_created_in_the_docs(renderings: dict
     assert refs == {("longcat-ray-auth", "auth_token")}
     for name, key in refs:
         assert re.search(rf"kubectl create secret generic {name} \\?\s*--from-literal={key}=", docs), name
+
+
+TRAINING = [n for n in KUSTOMIZATIONS if not n.endswith("shards")]  # shard builds run no collectives
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_gpu_pods_carry_the_collective_env_and_placement_placeholders(renderings: dict, name: str) -> None:
+    objects = ray_objects(renderings[name].objects)
+    assert any(gpus(template) for obj in objects for _, template in pod_templates(obj))
+    assert [p for obj in objects for p in gpu_placement_problems(obj)] == []
+
+
+def test_gpu_placement_check_catches_missing_env_and_placeholders(renderings: dict) -> None:
+    job = _job(renderings)
+    worker = _worker(job)
+    worker["env"] = [e for e in worker["env"] if e["name"] != "GLOO_SOCKET_IFNAME"]
+    next(e for e in worker["env"] if e["name"] == "NCCL_NVLS_ENABLE")["value"] = "1"
+    template = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]
+    template["spec"].pop("tolerations")
+    text = "\n".join(gpu_placement_problems(job))
+    assert "needs GLOO_SOCKET_IFNAME set, has None" in text
+    assert "needs NCCL_NVLS_ENABLE = '0', has '1'" in text
+    assert "without a toleration of the nvidia.com/gpu taint" in text
+
+
+def test_the_submit_runtime_env_uploads_code_only_and_holds_no_credentials() -> None:
+    import yaml
+
+    from longcat_dist.config import TrainConfig
+
+    runtime_env = yaml.safe_load((REPO_ROOT / "launch" / "runtime_env.yaml").read_text())
+    excludes = set(runtime_env["excludes"])
+    default_output = f"{TrainConfig.__dataclass_fields__['output_dir'].default}/"
+    for needed in (".git/", ".venv/", "data/", "demo_output/", default_output, "*.safetensors", "*.tar"):
+        assert needed in excludes, f"launch/runtime_env.yaml uploads {needed}"
+    assert "working_dir" not in runtime_env, "the working dir comes from `ray job submit --working-dir .`"
+    assert runtime_env_problems(runtime_env, "launch/runtime_env.yaml") == []
+    leaked = {**runtime_env, "env_vars": {**runtime_env["env_vars"], "AWS_SECRET_ACCESS_KEY": "abc"}}
+    assert len(runtime_env_problems(leaked, "launch/runtime_env.yaml")) == 1
