@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of the device machine in one call (see docs/PERFORMANCE.md for how to run it):
 #   source .whl/activate.sh && bash bench/device_suite.sh "$OUT" [parts...]
-# parts: tests attention linear step vae sampler fused profile sizes (default: all). Each part has its own time limit so one slow part
+# parts: tests attention linear step vae sampler fused profile sizes (default: all), scaling (multi-GPU only). Each part has its own time limit so one slow part
 # cannot starve the others; every log lands in the output folder.
 set -u
 out=${1:?output folder}; shift
@@ -32,6 +32,13 @@ for part in $parts; do
              timeout 150 python3 bench/step.py --rows bsa-fp8 --latent $latent --steps 2 --warmup 1 \
                --json "$out/size_${latent//,/x}.json"
            done > "$out/sizes.txt" 2>&1 ;;
+    # Several GPUs of one host (nvidia-h200-x2/x4/x8): Ray Train + DeepSpeed over NCCL, 1..N workers. Not in the
+    # default parts: pass `scaling` explicitly on a multi-GPU kind.
+    scaling) gpus=$(nvidia-smi -L | wc -l); counts=$(python3 -c "print(','.join(str(n) for n in (1, 2, 4, 8) if n <= $gpus))")
+             { timeout 420 python3 bench/scaling.py --workers "$counts" --zero 2,3 --depth 48 --precision fp8 \
+                 --attention bsa --steps 4 --warmup 2 --json "$out/scaling.json"
+               timeout 150 python3 bench/scaling.py --workers "$gpus" --depth 2 --equivalence --kill-at 3 \
+                 --steps 3 --warmup 1 --json "$out/scaling_checks.json"; } > "$out/scaling.txt" 2>&1 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/gpu.txt"

@@ -30,6 +30,7 @@ from longcat_dist.data.stream import Batch  # noqa: E402
 from longcat_dist.model.attention import BSAParams  # noqa: E402
 from longcat_dist.model.lora import inject_lora  # noqa: E402
 from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel  # noqa: E402
+from longcat_dist.model.weights import build_random  # noqa: E402
 from longcat_dist.train.engine import GuardedStepper, build_engine, deepspeed_config  # noqa: E402
 from longcat_dist.train.step import FlowSettings, flow_loss  # noqa: E402
 
@@ -51,32 +52,14 @@ TINY = dict(
 
 def build_model(depth: int, precision: str, device: torch.device, tiny: bool) -> nn.Module:
     """Random-weight DiT materialised one module at a time, quantized on the way when asked."""
+    from functools import partial
+
     from longcat_dist.model.quant import quantize_linear
 
+    transform = None if precision == "bf16" else partial(quantize_linear, precision=precision)
     config = DiTConfig(depth=depth, **(TINY if tiny else {}))
-    with torch.device("meta"):
-        model = LongCatVideoTransformer3DModel(config).to(torch.bfloat16)
-    generator = torch.Generator(device).manual_seed(0)
-    for prefix, module in [
-        *((f"blocks.{i}", b) for i, b in enumerate(model.blocks)),
-        *model.named_children(),
-    ]:
-        if prefix == "blocks":
-            continue
-        module.to_empty(device=device)
-        with torch.no_grad():
-            for name, param in module.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.fill_(1.0)
-                else:
-                    param.normal_(0.0, 0.02, generator=generator)
-        if precision != "bf16":
-            for name, child in list(module.named_modules()):
-                for child_name, linear in list(child.named_children()):
-                    if isinstance(linear, nn.Linear):
-                        full = ".".join(p for p in (prefix, name, child_name) if p)
-                        setattr(child, child_name, quantize_linear(full, linear, precision))
-    return model
+    return build_random(LongCatVideoTransformer3DModel, config, dtype=torch.bfloat16, device=device,
+                        linear_transform=transform)  # fmt: skip
 
 
 def init_process_group(device: torch.device) -> None:

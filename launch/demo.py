@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -17,7 +18,10 @@ from tqdm import tqdm
 
 from launch.train import JOB_NAMESPACE, run_training
 from longcat_dist.config import TrainConfig, load_config
-from longcat_dist.train.metrics import METRICS_NAME, read_metrics
+from longcat_dist.train.metrics import LOSS_PLOT_NAME, METRICS_NAME, read_metrics
+from longcat_dist.train.records import WORKERS_DIR
+from longcat_dist.train.worker import LORA_NAME, LORAS_DIR, OFFICIAL_LORA_NAME
+from longcat_dist.validate.gallery import VALIDATION_DIR
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "config.json"
 DEMO_TRAIN_CLIPS = 24
@@ -42,6 +46,27 @@ def demo_config(out: Path, backends: Path, overrides: dict | None = None) -> Tra
     """configs/demo/config.json pointed at the demo data and at `out`."""
     paths = {"data_backend_config": str(backends), "output_dir": str(out), "storage_path": str(out / "ray")}
     return load_config(DEMO_CONFIG, {**paths, **(overrides or {})})
+
+
+def clear_previous_run(cfg: TrainConfig) -> None:
+    """Delete what an earlier demo wrote to the same place, except the data and shards: every demo starts over.
+
+    Rerunning a job with the same storage_path and experiment_name resumes it (docs/TRAINING.md); for the demo that
+    would resume a finished run and train nothing, so its checkpoints go, with the outputs made from them.
+    """
+    out = Path(cfg.output_dir)
+    directories = [
+        Path(cfg.storage_path) / cfg.experiment_name,
+        out / LORAS_DIR,
+        out / WORKERS_DIR,
+        out / VALIDATION_DIR,
+    ]
+    if cfg.logging_dir is not None:
+        directories.append(Path(cfg.logging_dir))  # TensorBoard would show the old curve next to the new one
+    for directory in directories:
+        shutil.rmtree(directory, ignore_errors=True)
+    for name in (METRICS_NAME, LOSS_PLOT_NAME, LORA_NAME, OFFICIAL_LORA_NAME, "index.html"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _follow(metrics: Path, total: int, done: threading.Event) -> None:
@@ -76,7 +101,7 @@ def run_demo(
     print(
         f"[2/3] training: {cfg.num_workers} DeepSpeed ZeRO-{cfg.zero_stage} workers, {cfg.max_train_steps} steps"
     )
-    (out / METRICS_NAME).unlink(missing_ok=True)
+    clear_previous_run(cfg)
     ray.init(num_cpus=num_cpus, namespace=JOB_NAMESPACE, include_dashboard=False, log_to_driver=False)
     done = threading.Event()
     follower = threading.Thread(

@@ -130,19 +130,27 @@ def run_training(cfg: TrainConfig, *, test_knobs: dict | None = None):
     if actor is not None:
         actor.submit.remote(0, None)  # the base model before training: the gallery's baseline
     result = build_trainer(cfg, test_knobs=test_knobs).fit()
+    from longcat_dist.train.worker import raise_if_stopped
+
+    raise_if_stopped(result.return_value)  # an error that a restart would repeat (e.g. a non-finite loss streak)
     final_step = int((result.metrics or {}).get("step", 0)) if result.metrics else 0
     if actor is not None:
         _finish_validation(actor, cfg, final_step)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m launch.train` (also what the RayJob manifests' entrypoints are checked by)."""
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="config.json (quickstart style)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--verbose", action="store_true", help="log at INFO level")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
@@ -159,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # Inside `ray job submit` this joins the job's cluster; on a laptop it starts a local instance.
     ray.init(namespace=JOB_NAMESPACE, ignore_reinit_error=True, log_to_driver=args.verbose)
-    result = run_training(cfg)
+    from longcat_dist.train.engine import NonFiniteLossError
+
+    try:
+        result = run_training(cfg)
+    except NonFiniteLossError as err:
+        print(f"error: training stopped: {err}", file=sys.stderr)
+        return 2
     print(f"training finished: {result.metrics}; LoRA in {Path(cfg.output_dir).resolve()}")
     return 0
 

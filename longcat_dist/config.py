@@ -110,6 +110,7 @@ class TrainConfig:
     model_type: Literal["lora"] = "lora"
     pretrained_model_name_or_path: Path | None = None  # local checkpoint dir; None only with tiny_model
     tiny_model: bool = False
+    random_model_depth: int | None = None  # production-width DiT, random weights, this many blocks (benchmarks)
     text_encoder: Literal["umt5", "qwen2.5-vl"] = "umt5"
     base_model_precision: Literal["bf16", "fp8", "int8"] = "bf16"
     attention_implementation: Literal["auto", "sdpa", "bsa", "xformers"] = "auto"

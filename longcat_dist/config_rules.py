@@ -17,8 +17,10 @@ BLOCK_LINEARS = (
     "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
     "ffn.w1", "ffn.w2", "ffn.w3", "adaLN_modulation.1",
 )  # fmt: skip
+CAPTION_PROJECTION = "y_embedder"  # the caption MLP before the blocks; LoRA may target it too
 GUIDANCE_LIMITS = (1.0, 20.0)
 GUIDANCE_GOOD = (3.5, 5.0)
+PRODUCTION_DEPTH = 48  # blocks of the 13.6 B DiT
 
 
 def check_numbers(cfg: dict[str, Any], where_of: Callable[[str], Any]) -> None:
@@ -70,17 +72,24 @@ def check_geometry(cfg: dict[str, Any], where_of: Callable[[str], Any]) -> None:
 
 def check_model(cfg: dict[str, Any], where_of: Callable[[str], Any]) -> None:
     """Model, LoRA and hardware combinations."""
-    if cfg["pretrained_model_name_or_path"] is None and not cfg["tiny_model"]:
+    depth = cfg["random_model_depth"]
+    if depth is not None:
+        check_range(where_of("random_model_depth"), "random_model_depth", depth, lo=1, hi=PRODUCTION_DEPTH)
+        if cfg["tiny_model"]:
+            raise ConfigError(where_of("random_model_depth"), "random_model_depth", depth,
+                              "cannot be combined with tiny_model: true", "keep one of them")  # fmt: skip
+    if cfg["pretrained_model_name_or_path"] is None and not cfg["tiny_model"] and depth is None:
         hint = "point it at a local copy of the LongCat-Video checkpoint (dit/, vae/, ...), or set tiny_model"
         raise ConfigError(where_of("pretrained_model_name_or_path"), "pretrained_model_name_or_path", None,
-                          "required unless tiny_model is true", hint)  # fmt: skip
+                          "required unless tiny_model is true or random_model_depth is set", hint)  # fmt: skip
     targets = cfg["lora_targets"]
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in BLOCK_LINEARS):
-            rule = "not a Linear of the DiT block"
-            raise ConfigError(
-                where_of("lora_targets"), "lora_targets", target, rule, f"use {', '.join(BLOCK_LINEARS)}"
-            )
+        if target != CAPTION_PROJECTION and not any(
+            name == target or name.endswith("." + target) for name in BLOCK_LINEARS
+        ):
+            rule = "not a Linear of the DiT block nor the caption projection"
+            hint = f"use {', '.join(BLOCK_LINEARS)} or {CAPTION_PROJECTION}"
+            raise ConfigError(where_of("lora_targets"), "lora_targets", target, rule, hint)
     if not targets:
         raise ConfigError(where_of("lora_targets"), "lora_targets", [], "needs at least one target")
     if not cfg["use_gpu"] and cfg["attention_implementation"] == "bsa":

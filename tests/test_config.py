@@ -282,6 +282,8 @@ def test_lora_targets_must_name_a_block_linear(tmp_path: Path) -> None:
     message = config_error(tmp_path, lora_targets=["qkv", "to_q"])
     assert "key 'lora_targets' = 'to_q'" in message and "not a Linear of the DiT block" in message
     assert load_config(write_config(tmp_path, lora_targets="qkv, ffn.w1")).lora_targets == ("qkv", "ffn.w1")
+    selectable = ["ffn.w1", "ffn.w2", "ffn.w3", "y_embedder"]
+    assert load_config(write_config(tmp_path, lora_targets=selectable)).lora_targets == tuple(selectable)
 
 
 def test_bsa_needs_a_gpu(tmp_path: Path) -> None:

@@ -112,6 +112,44 @@ def _load_module(
             tensor.copy_(value)
 
 
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The materialisation units: every block, then the other top-level modules."""
+    units = [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
+    return units + [(name, child) for name, child in model.named_children() if name != "blocks"]
+
+
+def build_random(
+    cls: type[nn.Module],
+    config,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    seed: int = 0,
+    linear_transform: LinearTransform | None = None,
+) -> nn.Module:
+    """`cls(config)` with random weights (N(0, 0.02), norm weights 1), materialised unit by unit like a load.
+
+    For benchmarks of the production size without a checkpoint: built on meta, so a quantizing `linear_transform`
+    sees each bf16 Linear once and the full bf16 model never sits in memory. The same seed gives the same weights
+    on every rank of one GPU type.
+    """
+    with torch.device("meta"):
+        model = cls(config)
+    device = torch.device(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    for prefix, module in _units(model):
+        module.to(dtype=dtype).to_empty(device=device)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+        if linear_transform is not None:
+            _transform_linears(module, prefix, linear_transform)
+    return model
+
+
 def load_pretrained(
     cls: type[nn.Module],
     path: str | Path,
@@ -130,8 +168,7 @@ def load_pretrained(
     files = weight_files(directory)
     check_keys({k: v.shape for k, v in model.state_dict().items()}, files, directory)
     device = torch.device(device)
-    units = [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
-    units += [(name, child) for name, child in model.named_children() if name != "blocks"]
+    units = _units(model)
     handles: dict[Path, object] = {}
     for prefix, module in tqdm(units, desc="load DiT", unit="module", leave=False, disable=len(units) < 16):
         _load_module(module, prefix, files, handles, dtype, device)

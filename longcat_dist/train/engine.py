@@ -127,6 +127,23 @@ def build_engine(model: nn.Module, config: dict):
     return engine
 
 
+def comm_seconds() -> float | None:
+    """Seconds spent in DeepSpeed's collectives so far, or None unless its comms logger is on.
+
+    Turn it on with `"comms_logger": {"enabled": true, "prof_all": true}` in the DeepSpeed JSON. Each collective then
+    waits for its result before the next op (that is how DeepSpeed times it), so a run that measures this loses the
+    overlap of communication with compute: use it to measure, not to train.
+    """
+    from deepspeed.comm import comm
+
+    logger_ = comm.comms_logger
+    if not logger_.enabled:
+        return None
+    # comms_dict: {op name: {message bytes: [count, [latency ms], [algbw], [busbw]]}}
+    total_ms = sum(sum(record[1]) for sizes in logger_.comms_dict.values() for record in sizes.values())
+    return total_ms / 1000.0
+
+
 def set_lr(engine, lr: float) -> None:
     """Set the learning rate of every parameter group (the schedule is ours, not DeepSpeed's)."""
     for group in engine.optimizer.param_groups:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from longcat_dist.model import lora
 from longcat_dist.train import checkpoint
 from longcat_dist.train import engine as ds
 from longcat_dist.train.metrics import LOSS_PLOT_NAME, METRICS_NAME, MetricsLog, plot_loss
+from longcat_dist.train.records import lora_digest, record_worker
 from longcat_dist.train.step import FlowSettings, flow_loss
 
 logger = logging.getLogger(__name__)
@@ -31,11 +29,12 @@ VALIDATION_ACTOR = "longcat-validation"
 LORA_NAME = "lora.safetensors"  # PEFT/diffusers keys
 OFFICIAL_LORA_NAME = "lora_official.safetensors"  # LongCat-Video's own format (spec §7)
 LORAS_DIR = "loras"  # <output_dir>/loras/step-NNNNNNN/: the LoRAs handed to validation
-WORKERS_DIR = "workers"  # <output_dir>/workers/rank-N.json: where each rank ran (node, address, process)
+STOPPED_KEY = "stopped"  # the error message in the return value of a run that the workers stopped
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The DiT (tiny random or pretrained, quantized when asked) with LoRA; base frozen, LoRA fp32."""
+    """The DiT (tiny random, production-width random, or pretrained; quantized when asked) with LoRA; base frozen,
+    LoRA fp32."""
     from longcat_dist.model.attention import BSAParams
     from longcat_dist.model.transformer import TINY_DIT, DiTConfig, LongCatVideoTransformer3DModel
 
@@ -54,6 +53,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
             from longcat_dist.model.quant import quantize_model
 
             model = quantize_model(model, cfg.base_model_precision)
+    elif cfg.random_model_depth is not None:
+        from longcat_dist.model.weights import build_random
+
+        model = build_random(LongCatVideoTransformer3DModel, DiTConfig(depth=cfg.random_model_depth), dtype=dtype,
+                             device=device, seed=cfg.seed, linear_transform=transform)  # fmt: skip
     else:
         model = LongCatVideoTransformer3DModel.from_pretrained(
             cfg.pretrained_model_name_or_path, dtype=dtype, device=device, linear_transform=transform
@@ -152,30 +156,9 @@ def _save(engine, model: nn.Module, state: RunState, rank: int, metrics: dict) -
         checkpoint.save_train_state(directory, tensors, meta)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                          checkpoint_dir_name=f"checkpoint-{state.global_step:07d}")  # fmt: skip
-
-
-def _lora_digest(model: nn.Module) -> str:
-    """sha256 of this rank's full LoRA weights: equal on every rank when the data-parallel steps agreed."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(lora.lora_state_dict(model).items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _record_worker(cfg: TrainConfig, rank: int, world_size: int, **fields: Any) -> None:
-    """<output_dir>/workers/rank-N.json: the node, address and process this rank ran on (and its final LoRA)."""
-    import ray
-
-    path = Path(cfg.output_dir) / WORKERS_DIR / f"rank-{rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.update(rank=rank, world_size=world_size, node_id=ray.get_runtime_context().get_node_id(),
-                  node_ip=ray.util.get_node_ip_address(), hostname=socket.gethostname(), pid=os.getpid(),
-                  **fields)  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    # The report only queues the checkpoint; Ray's controller collects it at its next poll (every ~2 s). A worker
+    # that died before then would take it along, and the restart would start from the one before (or step 0).
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def _export(model: nn.Module, cfg: TrainConfig, directory: Path, step: int, rank: int) -> Path:
@@ -185,26 +168,43 @@ def _export(model: nn.Module, cfg: TrainConfig, directory: Path, step: int, rank
     params = [p for p in model.parameters() if p.requires_grad]
     with GatheredParameters(params, modifier_rank=None):
         if directory == Path(cfg.output_dir):  # the final export: every rank records what it ends with
-            _record_worker(
-                cfg, rank, dist_world_size(), final_step=step, final_lora_sha256=_lora_digest(model)
+            record_worker(
+                cfg.output_dir, rank, dist_world_size(), final_step=step, final_lora_sha256=lora_digest(model)
             )
         if rank == 0:
-            base = str(cfg.pretrained_model_name_or_path or "tiny-random-dit")
+            base = str(cfg.pretrained_model_name_or_path or random_base_name(cfg))
             meta = {"base_model": base, "step": step}
             lora.export_lora(model, directory / LORA_NAME, metadata=meta)
             lora.export_official_lora(model, directory / OFFICIAL_LORA_NAME, metadata=meta)
     return directory / LORA_NAME
 
 
+def random_base_name(cfg: TrainConfig) -> str:
+    """The base_model of a LoRA trained on a random DiT."""
+    if cfg.random_model_depth is not None:
+        return f"random-dit-{cfg.random_model_depth}-blocks-seed-{cfg.seed}"
+    return "tiny-random-dit"
+
+
+@cache
+def _validation_actor(namespace: str):
+    """The job's validation actor, or None when validation is off; looked up once (a lookup blocks rank 0 for a
+    round trip to Ray's control store), and the handle stays valid across the actor's restarts."""
+    import ray
+
+    try:
+        return ray.get_actor(VALIDATION_ACTOR, namespace=namespace)
+    except ValueError:
+        return None
+
+
 def _submit_validation(path: Path, step: int) -> None:
     """Hand a LoRA to the validation actor, if the job runs one; never waits for it."""
     import ray
 
-    try:
-        actor = ray.get_actor(VALIDATION_ACTOR, namespace=ray.get_runtime_context().namespace)
-    except ValueError:
-        return  # no actor: validation is off
-    actor.submit.remote(step, str(path))
+    actor = _validation_actor(ray.get_runtime_context().namespace)
+    if actor is not None:
+        actor.submit.remote(step, str(path))
 
 
 def dist_world_size() -> int:
@@ -229,6 +229,7 @@ class _Window:
         self.samples = self.tokens = 0
         self.data_wait = 0.0
         self.start = time.perf_counter()
+        self.comm_start = ds.comm_seconds()
 
 
 def _step_metrics(window: _Window, outcome: ds.StepOutcome, lr: float, world_size: int, device) -> dict:
@@ -240,7 +241,12 @@ def _step_metrics(window: _Window, outcome: ds.StepOutcome, lr: float, world_siz
         dist.all_reduce(loss)
         loss /= world_size
     elapsed = max(time.perf_counter() - window.start, 1e-9)
+    comm = ds.comm_seconds()
+    extra = {} if comm is None or window.comm_start is None else {"comm_s": comm - window.comm_start}
+    if device.type == "cuda":
+        extra["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return {
+        **extra,
         "loss": float(loss.item()),
         "lr": lr,
         "grad_norm": outcome.grad_norm if outcome.grad_norm is not None else float("nan"),
@@ -251,8 +257,11 @@ def _step_metrics(window: _Window, outcome: ds.StepOutcome, lr: float, world_siz
     }
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry: {"cfg": TrainConfig, "fail_once_at_step": int | None, "fail_marker": path} (tests)."""
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """Ray Train entry: {"cfg": TrainConfig, "fail_once_at_step": int | None, "fail_marker": path} (tests).
+
+    Returns None, or {STOPPED_KEY: message} when the run stopped on an error that a restart would only repeat.
+    """
     import ray.train
 
     cfg: TrainConfig = loop_config["cfg"]
@@ -269,7 +278,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from longcat_dist.model.quant import QuantizedLinear
 
     quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
-    _record_worker(cfg, rank, world_size, start_step=state.global_step,
+    record_worker(cfg.output_dir, rank, world_size, start_step=state.global_step,
                    base_model_precision=cfg.base_model_precision, quantized_linears=quantized)  # fmt: skip
     stepper = ds.GuardedStepper(engine, cfg.max_nonfinite_steps_in_row)
     settings = FlowSettings(cfg.seed, cfg.flow_schedule_shift, cfg.timestep_sampling, cfg.timestep_logit_mean,
@@ -299,7 +308,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      device=device)  # fmt: skip
             lr = ds.lr_at(state.global_step, base_lr=cfg.learning_rate, scheduler=cfg.lr_scheduler,
                           warmup_steps=cfg.lr_warmup_steps, total_steps=total)  # fmt: skip
-            outcome = stepper(loss, lr)
+            try:
+                outcome = stepper(loss, lr)
+            except ds.NonFiniteLossError as err:
+                return _stop(cfg, state, rank, world_size, log, str(err))
             state.step_in_epoch += 1
             if outcome.skipped:
                 state.nonfinite_total += 1
@@ -356,6 +368,27 @@ def _finish(cfg: TrainConfig, model: nn.Module, state: RunState, rank: int, log:
         plot_loss(metrics, Path(cfg.output_dir) / LOSS_PLOT_NAME)
     logger.info("done: %d steps, LoRA at %s, %d non-finite micro-steps skipped", state.global_step, path,
                 state.nonfinite_total)  # fmt: skip
+
+
+def _stop(cfg: TrainConfig, state: RunState, rank: int, world_size: int, log: MetricsLog | None,
+          message: str) -> dict:  # fmt: skip
+    """End the run on an error that a restart would repeat: record it and return it instead of raising it.
+
+    Ray Train retries every worker error max_failures times from the last checkpoint, which would only replay the
+    same non-finite streak; a normal return ends the run at once, and the driver raises the message
+    (raise_if_stopped). Every rank gets here at the same micro-step: the finite check is an all-reduce.
+    """
+    logger.error("step %d: %s", state.global_step, message)
+    record_worker(cfg.output_dir, rank, world_size, stopped=message, stopped_at_step=state.global_step)
+    if log is not None:
+        log.close()
+    return {STOPPED_KEY: message, "step": state.global_step}
+
+
+def raise_if_stopped(return_value: Any) -> None:
+    """On the driver: raise the error that the workers stopped the run with (Result.return_value), if any."""
+    if isinstance(return_value, dict) and return_value.get(STOPPED_KEY):
+        raise ds.NonFiniteLossError(return_value[STOPPED_KEY])
 
 
 def failure_injection(loop_config: dict, step: int) -> None:

@@ -1,16 +1,37 @@
 """The demo end to end on CPU (fewer clips and steps than `make demo`): the loss must clearly drop."""
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
 from launch import demo
+from sharding.demo_data import make_demo_data
 
 pytestmark = pytest.mark.integration
 
 # Measured on the demo data: the mean loss of the last 20 steps is well under 0.8 x that of the first 20.
 MAX_LOSS_RATIO = 0.8
+
+
+def test_a_second_demo_starts_over_and_keeps_the_data(tmp_path):
+    # A rerun with the same storage_path and experiment_name would resume the finished run and train nothing.
+    out = tmp_path.resolve()
+    backends = make_demo_data(out / "data", train=1, val=1)  # the clips only: the config needs their folders
+    data_files = sorted((out / "data").rglob("*"))
+    cfg = demo.demo_config(out, backends)
+    earlier = [Path(cfg.storage_path) / cfg.experiment_name / "checkpoint-0000200" / "train_state.json",
+               Path(cfg.logging_dir) / "events.out.tfevents.1", out / "validation" / "step_0000200" / "metrics.json",
+               out / "loras" / "step-0000100" / "lora.safetensors", out / "workers" / "rank-0.json"]  # fmt: skip
+    earlier += [out / name for name in ("metrics.jsonl", "loss.png", "lora.safetensors", "lora_official.safetensors",
+                                        "index.html")]  # fmt: skip
+    for path in earlier:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("from the run before")
+    demo.clear_previous_run(cfg)
+    assert [p for p in earlier if p.exists()] == []
+    assert sorted((out / "data").rglob("*")) == data_files
 
 
 def test_demo_trains_and_the_loss_drops(tmp_path):

@@ -38,11 +38,12 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def zero2_run(local_ray, tiny_shards, tmp_path_factory):
-    """The reference run: 2 workers, ZeRO-2, batch 1, 4 steps, checkpoints at 2 and 4; returns (tmp dir, result)."""
+    """The reference run: 2 workers, ZeRO-2, batch 1, 4 steps, checkpoints at 2 and 4, TensorBoard logs in tb/;
+    returns (tmp dir, result)."""
     from train_helpers import make_config
 
     from launch.train import run_training
 
     tmp = tmp_path_factory.mktemp("zero2_run")
-    result = run_training(make_config(tmp, tiny_shards))
+    result = run_training(make_config(tmp, tiny_shards, report_to="tensorboard", logging_dir=str(tmp / "tb")))
     return tmp, result

@@ -66,3 +66,25 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(gloo_process_grou
     with pytest.raises(ds.NonFiniteLossError, match="3 micro-steps in a row"):
         stepper(engine(x).sum() * math.nan, lr=0.1)
     assert stepper.nonfinite_total == 4
+
+
+@pytest.mark.integration
+def test_a_small_max_grad_norm_clips_the_applied_update(gloo_process_group):
+    # The loss 0.5 * |w|^2 has gradient w, norm 5 at w = (3, 4). AdamW's first step is lr * g / (|g| + eps) for the
+    # clipped g: with eps = 1 (and |g| << 1 after clipping) the update stays proportional to the clipped gradient.
+    max_norm, lr, eps = 1e-3, 0.5, 1.0
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3.0, 4.0]]))
+    config = _config(world_size=1, gradient_accumulation_steps=1, micro_batch_size=1, max_grad_norm=max_norm,
+                     learning_rate=lr, eps=eps, weight_decay=0.0)  # fmt: skip
+    engine = ds.build_engine(model, config)
+    before = model.weight.detach().clone()
+    outcome = ds.GuardedStepper(engine, max_nonfinite_in_row=1)(
+        0.5 * engine.module.weight.pow(2).sum(), lr=lr
+    )
+    assert outcome.grad_norm == pytest.approx(5.0)  # the reported norm is the one before clipping
+    clipped = before * max_norm / (5.0 + 1e-6)  # DeepSpeed divides by (norm + 1e-6) / max_grad_norm
+    torch.testing.assert_close(model.weight - before, -lr * clipped / (clipped.abs() + eps))
+    unclipped = -lr * before / (before.abs() + eps)  # what the step would have been without clipping
+    assert (model.weight - before).norm() < 1e-3 * unclipped.norm()

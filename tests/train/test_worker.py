@@ -1,4 +1,5 @@
-"""Ray Train + DeepSpeed on CPU: a 2-worker ZeRO-2 run end to end, and resuming it after a worker dies."""
+"""Ray Train + DeepSpeed on CPU: a 2-worker ZeRO-2 run end to end, resuming it after a worker dies or a rerun,
+and a run that stops on non-finite losses without Ray retrying it."""
 
 import json
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_helpers import make_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from train_helpers import TINY_TEXT_DIM, make_config, poison_shards, read_workers, write_shards
 
 from launch.train import run_training
+from longcat_dist.train.engine import NonFiniteLossError
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +33,12 @@ def test_two_worker_zero2_run_writes_lora_checkpoints_and_metrics(zero2_run):
     state = json.loads((tmp_path / "ray" / "t" / checkpoints[-1] / "train_state.json").read_text())
     assert state["run"]["global_step"] == 4 and state["optimizer_steps"] == 4
     assert state["run"]["epoch"] == 0 and state["run"]["step_in_epoch"] == 4  # 6 steps per epoch: mid-epoch
+    # TensorBoard gets every step (Ray only every logging_steps-th).
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload()
+    for tag in ("train/loss", "train/lr", "train/tokens_per_s", "train/data_wait_s"):
+        assert [e.step for e in scalars.Scalars(tag)] == [1, 2, 3, 4], tag
+    assert [e.value for e in scalars.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows])
 
 
 def test_worker_killed_mid_run_resumes_to_the_same_lora(zero2_run, tiny_shards, tmp_path):
@@ -39,11 +48,45 @@ def test_worker_killed_mid_run_resumes_to_the_same_lora(zero2_run, tiny_shards, 
     result = run_training(make_config(tmp_path, tiny_shards),
                           test_knobs={"fail_once_at_step": 3, "fail_marker": str(marker)})  # fmt: skip
     assert marker.read_text() == "3" and result.error is None and result.metrics["step"] == 4
+    # The restarted group started from checkpoint 2, not from step 0.
+    assert [w["start_step"] for w in read_workers(tmp_path / "out")] == [2, 2]
     resumed = load_file(str(tmp_path / "out" / "lora.safetensors"))
     reference = load_file(str(zero2_run[0] / "out" / "lora.safetensors"))
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_rerunning_the_same_command_resumes_from_its_last_checkpoint(zero2_run, tiny_shards, tmp_path):
+    # Same storage_path and experiment_name: the second run starts at the first one's last step (its checkpoint), and
+    # with the constant lr of these runs 2 + 2 steps train the same LoRA as the 4 steps of the reference run.
+    first = run_training(make_config(tmp_path, tiny_shards, max_train_steps=2))
+    assert first.error is None and first.metrics["step"] == 2
+    second = run_training(make_config(tmp_path, tiny_shards, max_train_steps=4))
+    assert second.error is None and second.metrics["step"] == 4
+    assert [(w["start_step"], w["final_step"]) for w in read_workers(tmp_path / "out")] == [(2, 4), (2, 4)]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    resumed = load_file(str(tmp_path / "out" / "lora.safetensors"))
+    reference = load_file(str(zero2_run[0] / "out" / "lora.safetensors"))
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[key], value) for key, value in reference.items())
+
+
+def test_nonfinite_losses_stop_the_run_without_retries(local_ray, tmp_path):
+    # Every latent is NaN: after max_nonfinite_steps_in_row skipped micro-steps the workers end the run themselves
+    # (Ray would retry a raised error max_failures times, replaying the same streak) and the driver raises it.
+    shards = tmp_path / "nan_shards"
+    write_shards(shards, "tiny", {(5, 16, 16): [4, 4]}, text_dim=TINY_TEXT_DIM)
+    poison_shards(shards)
+    cfg = make_config(tmp_path, shards, max_nonfinite_steps_in_row=2, max_failures=3)
+    # A retried worker error would end in Ray's own failure (after 3 restarts), not in the workers' message.
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps_in_row = 2"):
+        run_training(cfg)
+    workers = read_workers(tmp_path / "out")
+    assert [(w["start_step"], w["stopped_at_step"]) for w in workers] == [(0, 0), (0, 0)]
+    assert all("2 micro-steps in a row" in w["stopped"] for w in workers)
+    assert not (tmp_path / "out" / "lora.safetensors").exists()  # a stopped run leaves no final LoRA
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])

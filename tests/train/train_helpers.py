@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
+
+import torch
 
 TINY_TEXT_DIM = 32  # the tiny DiT's caption_channels
 
@@ -30,6 +33,33 @@ def make_config(tmp_path: Path, shards: Path, **overrides):
     }  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
     return load_config(tmp_path / "config.json")
+
+
+def poison_shards(root: Path) -> None:
+    """Rewrite every shard of a root with NaN video latents (same samples and counts): every loss is non-finite."""
+    import webdataset as wds
+
+    from longcat_dist.data import format as fmt
+    from longcat_dist.data import stream
+
+    manifest = stream.read_manifest(root)
+    for bucket in manifest.buckets:
+        for shard in bucket.shards:
+            path = root / shard.path
+            samples = [fmt.decode_sample(raw, bucket, manifest.text_dim)
+                       for raw in wds.tarfile_samples([{"url": str(path)}])]  # fmt: skip
+            with wds.TarWriter(str(path), encoder=False) as sink:
+                for s in samples:
+                    sink.write(
+                        fmt.encode_sample(s.key, torch.full_like(s.video, math.nan), s.cond, s.text, s.meta)
+                    )
+
+
+def read_workers(output_dir: Path) -> list[dict]:
+    """The <output_dir>/workers/rank-N.json records, by rank."""
+    from longcat_dist.train.records import read_worker_records
+
+    return read_worker_records(output_dir)
 
 
 def _load_shard_writer():
