@@ -279,7 +279,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
 
     quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
     record_worker(cfg.output_dir, rank, world_size, start_step=state.global_step,
-                   base_model_precision=cfg.base_model_precision, quantized_linears=quantized)  # fmt: skip
+                  base_model_precision=cfg.base_model_precision, quantized_linears=quantized)  # fmt: skip
     stepper = ds.GuardedStepper(engine, cfg.max_nonfinite_steps_in_row)
     settings = FlowSettings(cfg.seed, cfg.flow_schedule_shift, cfg.timestep_sampling, cfg.timestep_logit_mean,
                             cfg.timestep_logit_std, cfg.caption_dropout_probability, text_length)  # fmt: skip

@@ -1,5 +1,6 @@
-"""Streaming shards: disjoint rank/worker splits, equal steps per rank, one bucket per batch, resume, pipe: URLs."""
+"""Streaming shards: disjoint rank/worker splits, equal steps per rank, one bucket per batch, resume, pipe: and s3:// URLs."""
 
+import os
 from collections import Counter
 
 import pytest
@@ -92,3 +93,26 @@ def test_clear_errors_for_too_little_data_and_count_mismatch(uneven_shards, tmp_
 def test_stream_position_round_trips():
     pos = stream.StreamPosition(epoch=2, step_in_epoch=5, world_size=2, num_workers=1, batch_size=1, seed=4)
     assert stream.StreamPosition.from_dict(pos.to_dict()) == pos
+
+
+def test_s3_url_reads_the_same_batches_through_the_aws_cli(uneven_shards, tmp_path, monkeypatch):
+    # No object store here: an `aws` on PATH that serves `aws s3 cp s3://bucket/<key> -` from the shard folder
+    # stands in for the CLI, so the test covers our URL building and WebDataset's pipe reading of it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    aws = bin_dir / "aws"
+    aws.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{calls}"\n'
+        '[ "$1 $2 $4" = "s3 cp -" ] || { echo "unexpected: $*" >&2; exit 2; }\n'
+        f'exec cat "{uneven_shards}/${{3#s3://bucket/prefix/}}"\n'
+    )
+    aws.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _, local = _batches(uneven_shards, rank=0, world_size=1, num_workers=0)
+    _, remote = _batches(uneven_shards, rank=0, world_size=1, num_workers=0, url_root="s3://bucket/prefix/")
+    assert [b.keys for b in remote] == [b.keys for b in local]
+    requested = calls.read_text().splitlines()
+    assert requested[0] == "s3 cp s3://bucket/prefix/manifest.json -"
+    assert any(line.endswith(".tar -") for line in requested)

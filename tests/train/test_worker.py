@@ -94,7 +94,7 @@ def test_quantized_base_trains_on_two_ray_workers(local_ray, tiny_shards, tmp_pa
     # ZeRO-2 replicates the 1-byte base on each rank; the LoRA on top trains and stays identical across ranks.
     result = run_training(make_config(tmp_path, tiny_shards, base_model_precision=precision))
     assert result.error is None and result.metrics["step"] == 4
-    workers = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "workers").glob("rank-*.json"))]
+    workers = read_workers(tmp_path / "out")
     assert len(workers) == 2 and workers[0]["final_lora_sha256"] == workers[1]["final_lora_sha256"]
     # Every Linear of the tiny DiT's 2 blocks (qkv, proj, q_linear, kv_linear, cross proj, w1, w2, w3) is 1-byte.
     assert [(w["base_model_precision"], w["quantized_linears"]) for w in workers] == [(precision, 16)] * 2
