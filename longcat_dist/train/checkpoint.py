@@ -73,12 +73,16 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 def _init_adam_state(engine: Any, step: int) -> None:
     """Create Adam's lazy state (zero moments, the saved step count) so the moments can be set before a step."""
     base = engine.optimizer.optimizer
-    for group in base.param_groups:
-        for flat in group["params"]:
-            state = base.state[flat]
-            state["step"] = torch.tensor(float(step))
-            for moment in MOMENTS:
-                state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
+    # ZeRO-3 hands the base optimizer its fp32 partitions only for the step itself (param_groups are empty
+    # between steps); ZeRO-1/2 keep them in param_groups.
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None:
+        flats = [flat for group in base.param_groups for flat in group["params"]]
+    for flat in flats:
+        state = base.state[flat]
+        state["step"] = torch.tensor(float(step))
+        for moment in MOMENTS:
+            state.setdefault(moment, torch.zeros_like(flat, memory_format=torch.preserve_format))
     # ZeRO-1/2 link each parameter to its slice of the optimizer state only after the first step; do it now.
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:

@@ -57,6 +57,23 @@ def test_worker_killed_mid_run_resumes_to_the_same_lora(zero2_run, tiny_shards, 
         assert torch.equal(resumed[key], value), key
 
 
+def test_zero3_worker_killed_mid_run_resumes_to_the_same_lora(local_ray, tiny_shards, tmp_path):
+    # ZeRO-3 partitions the LoRA weights and their optimizer state: the checkpoint gathers them and the restore
+    # scatters them back, so a resumed run must still end bit-identical to the uninterrupted one.
+    uninterrupted = run_training(make_config(tmp_path / "whole", tiny_shards, zero_stage=3))
+    assert uninterrupted.error is None and uninterrupted.metrics["step"] == 4
+    marker = tmp_path / "failed-once"
+    result = run_training(make_config(tmp_path / "killed", tiny_shards, zero_stage=3),
+                          test_knobs={"fail_once_at_step": 3, "fail_marker": str(marker)})  # fmt: skip
+    assert marker.read_text() == "3" and result.error is None and result.metrics["step"] == 4
+    assert [w["start_step"] for w in read_workers(tmp_path / "killed" / "out")] == [2, 2]
+    resumed = load_file(str(tmp_path / "killed" / "out" / "lora.safetensors"))
+    reference = load_file(str(tmp_path / "whole" / "out" / "lora.safetensors"))
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
 def test_rerunning_the_same_command_resumes_from_its_last_checkpoint(zero2_run, tiny_shards, tmp_path):
     # Same storage_path and experiment_name: the second run starts at the first one's last step (its checkpoint), and
     # with the constant lr of these runs 2 + 2 steps train the same LoRA as the 4 steps of the reference run.
