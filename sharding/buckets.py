@@ -1,4 +1,6 @@
-"""Bucket math, pure: which (height, width) a clip goes to, how it is cropped, how many frames it keeps.
+"""Bucket math, pure: which (height, width) a clip goes to and how many frames it keeps.
+
+The crop to a bucket is longcat_dist.data.pixels.resize_to_bucket, shared with validation.
 
 The grid rule (shared with longcat_dist.config.check_resolution): both sides divisible by 16, the short side is the
 resolution, the long side a multiple of the alignment, aspect ratios clamped to 2.5:1.
@@ -7,9 +9,6 @@ resolution, the long side a multiple of the alignment, aspect ratios clamped to 
 from __future__ import annotations
 
 import math
-
-import torch.nn.functional as F
-from torch import Tensor
 
 from longcat_dist.config_values import ConfigError, check_resolution
 
@@ -36,31 +35,6 @@ def bucket_size(height: int, width: int, resolution: int, alignment: int = 64) -
     size = (long_side, resolution) if height > width else (resolution, long_side)
     check_resolution(*size, key="bucket", alignment=alignment, where="sharding")
     return size
-
-
-def cover_crop(src_h: int, src_w: int, dst_h: int, dst_w: int) -> tuple[int, int, int, int]:
-    """(resize_h, resize_w, top, left): scale to cover dst keeping aspect, then centre-crop to dst."""
-    scale = max(dst_h / src_h, dst_w / src_w)
-    # ceil keeps both resized sides at least the target, so the crop never runs off the image.
-    resize_h, resize_w = (
-        max(dst_h, math.ceil(src_h * scale - 1e-6)),
-        max(dst_w, math.ceil(src_w * scale - 1e-6)),
-    )
-    return resize_h, resize_w, (resize_h - dst_h) // 2, (resize_w - dst_w) // 2
-
-
-def resize_to_bucket(frames: Tensor, height: int, width: int) -> Tensor:
-    """uint8 frames [F, H, W, 3] -> floats [3, F, height, width] in [-1, 1], resized to cover then centre-cropped."""
-    src_h, src_w = frames.shape[1:3]
-    resize_h, resize_w, top, left = cover_crop(src_h, src_w, height, width)
-    pixels = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [F, 3, H, W]
-    if (resize_h, resize_w) != (src_h, src_w):
-        # antialias: a downscale from 1080p to 480p would alias badly without it.
-        pixels = F.interpolate(
-            pixels, size=(resize_h, resize_w), mode="bicubic", antialias=True, align_corners=False
-        )
-    pixels = pixels[:, :, top : top + height, left : left + width].clamp(-1.0, 1.0)
-    return pixels.permute(1, 0, 2, 3).contiguous()  # [3, F, height, width]
 
 
 def usable_frames(available: int, requested: int, min_frames: int) -> int | None:

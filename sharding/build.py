@@ -26,10 +26,11 @@ from longcat_dist.data.format import (
     latent_shape,
     shard_relpath,
 )
+from longcat_dist.data.pixels import MediaError, read_image
 from longcat_dist.encoders import vae_config_fingerprint
 from sharding.buckets import bucket_size, usable_frames
 from sharding.encode import EncodeActor, Encoders, EncoderSpec, encode_shard, sidecar_path, text_encoder_info
-from sharding.media import MediaError, read_image, read_video
+from sharding.media import read_video
 from sharding.output_root import check_output_root, remove_leftover_temp_files, root_fingerprint
 from sharding.pairing import pair_clips, require_paired
 

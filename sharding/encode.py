@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 
 from longcat_dist.data.format import encode_sample, save_null_text, sha256_file
+from longcat_dist.data.pixels import read_image, resize_to_bucket
 from longcat_dist.encoders import (
     TINY_MAX_LENGTH,
     TINY_TEXT_DIM,
@@ -27,8 +28,7 @@ from longcat_dist.encoders import (
     encode_frames,
     vae_fingerprint,
 )
-from sharding.buckets import resize_to_bucket
-from sharding.media import read_image, read_video
+from sharding.media import read_video
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Reading and writing pixels: videos through PyAV (bundled FFmpeg), images through Pillow."""
+"""Videos in and out through PyAV (bundled FFmpeg), images out through Pillow; images in: longcat_dist.data.pixels."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-
-class MediaError(ValueError):
-    """A video or image that cannot be read."""
+from longcat_dist.data.pixels import MediaError
 
 
 def read_video(path: Path, max_frames: int | None = None) -> tuple[Tensor, float]:
@@ -36,16 +34,6 @@ def read_video(path: Path, max_frames: int | None = None) -> tuple[Tensor, float
     if not frames:
         raise MediaError(f"{path}: the video holds no decodable frames")
     return torch.from_numpy(np.stack(frames)), fps
-
-
-def read_image(path: Path) -> Tensor:
-    """An image as uint8 [H, W, 3] (RGB; alpha dropped)."""
-    try:
-        with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise MediaError(f"{path}: cannot read image ({err})") from err
-    return torch.from_numpy(rgb.copy())
 
 
 def write_video(path: Path, frames: Tensor, fps: float, *, crf: int = 12) -> None:

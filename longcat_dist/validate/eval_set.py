@@ -1,4 +1,7 @@
-"""What validation samples: the held-out eval split read from its shards, or one prompt with a start frame."""
+"""What validation samples: the held-out eval split read from its shards, or one prompt with a start frame.
+
+An eval sample's start image is re-read from the path its meta records (`sources[1]`), for first-frame drift.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from longcat_dist.data.format import (
     decode_sample,
     load_null_text,
 )
+from longcat_dist.data.pixels import MediaError
+from longcat_dist.validate.media import load_start_frame
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ class EvalItem:
     cond_latents: Tensor  # [16, 1, h, w] normalized
     text: Tensor  # [L_valid, D]
     truth: Tensor | None = None  # [16, T, h, w] normalized latents of the real clip
-    start_pixels: Tensor | None = None  # [3, H, W] in [-1, 1] when the start frame image is known
+    start_pixels: Tensor | None = None  # [3, H, W] in [-1, 1] when the start frame image is readable
 
 
 def _shard_members(path: Path) -> Iterator[dict]:
@@ -57,7 +62,20 @@ def _shard_members(path: Path) -> Iterator[dict]:
         yield current
 
 
-def _bucket_samples(root: Path, bucket: BucketInfo, manifest: Manifest) -> Iterator[EvalItem]:
+def _start_image(meta: dict, bucket: BucketInfo) -> tuple[Tensor | None, str | None]:
+    """The start frame the builder encoded (meta `sources[1]`) as [3, H, W], or None and why it is not there."""
+    sources = meta.get("sources")
+    if not isinstance(sources, list) or len(sources) < 2:
+        return None, "its meta names no start frame (sources[1])"
+    try:
+        return load_start_frame(Path(sources[1]), bucket.height, bucket.width), None
+    except MediaError as err:
+        return None, str(err)
+
+
+def _bucket_samples(
+    root: Path, bucket: BucketInfo, manifest: Manifest
+) -> Iterator[tuple[EvalItem, str | None]]:
     for shard in bucket.shards:
         path = root / shard.path
         if not path.is_file():
@@ -66,16 +84,20 @@ def _bucket_samples(root: Path, bucket: BucketInfo, manifest: Manifest) -> Itera
             )
         for raw in _shard_members(path):
             sample = decode_sample(raw, bucket, manifest.text_dim)
-            yield EvalItem(
-                sample.key, str(sample.meta.get("caption", "")), sample.cond, sample.text, sample.video
-            )
+            start, problem = _start_image(sample.meta, bucket)
+            caption = str(sample.meta.get("caption", ""))
+            yield EvalItem(sample.key, caption, sample.cond, sample.text, sample.video, start), problem
 
 
 def read_eval_split(root: Path, limit: int = MAX_EVAL_SAMPLES) -> tuple[list[EvalItem], Tensor, Manifest]:
     """The first `limit` samples of an eval shard root (manifest order), its empty-prompt embedding, its manifest."""
     manifest = Manifest.load(root)
     every_item = chain.from_iterable(_bucket_samples(root, bucket, manifest) for bucket in manifest.buckets)
-    items = list(islice(every_item, limit))
+    items, problems = [], []
+    for item, problem in islice(every_item, limit):
+        items.append(item)
+        if problem is not None:
+            problems.append(f"{item.key}: {problem}")
     if not items:
         raise ShardFormatError(
             f"{root}: the eval split holds no samples; check eval_dataset_id and its shards"
@@ -84,6 +106,12 @@ def read_eval_split(root: Path, limit: int = MAX_EVAL_SAMPLES) -> tuple[list[Eva
         logger.info(
             "validation uses %d of the %d eval samples in %s", len(items), manifest.total_samples, root
         )
+    if problems:
+        # The generated frame 0 is the cond latent itself, so against its decode the drift is 0 by construction.
+        logger.info(
+            "validation: first-frame drift of %d of %d eval samples in %s is against the VAE decode of the cond "
+            "latent, not the start image (%s)", len(problems), len(items), root, "; ".join(problems),
+        )  # fmt: skip
     return items, load_null_text(root), manifest
 
 

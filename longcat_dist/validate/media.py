@@ -10,7 +10,9 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
+
+from longcat_dist.data.pixels import MediaError, read_image, resize_to_bucket
 
 # The official demos write 15 fps.
 DEFAULT_FPS = 15
@@ -24,20 +26,17 @@ GIF_MAX_WIDTH = 320
 
 
 def load_start_frame(path: Path, height: int, width: int) -> torch.Tensor:
-    """An image file -> [3, height, width] in [-1, 1]: Lanczos resize to cover the bucket, then a centre crop."""
+    """An image file -> [3, height, width] in [-1, 1], preprocessed exactly as the shard builder does.
+
+    Cover then centre crop (not the official stretch to the bucket), so that the aspect ratio is kept.
+    """
     try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"start frame {path}: not a readable image ({err}); give a PNG or JPEG.") from err
-    # Cover then crop (not the official stretch to the bucket), so that the aspect ratio is kept.
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()  # [3, H, W]
-    return pixels / 127.5 - 1.0
+        image = read_image(path)  # [H, W, 3] uint8
+    except MediaError as err:
+        raise MediaError(
+            f"start frame {path}: not a readable image ({err.__cause__}); give a PNG or JPEG."
+        ) from err
+    return resize_to_bucket(image[None], height, width)[:, 0]
 
 
 def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 CONTACT_FRAMES = 4
 SHEET_FILE = "contact_sheet.png"
+# What first-frame drift was measured against, recorded per sample as `first_frame_reference`.
+START_IMAGE = "start_image"
+COND_DECODE = "vae_decode_of_cond_latent"
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ class ValidationRunner:
         )
         # The negative prompt's embedding [L, D] that CFG uses: the shards' null text unless the user gave one.
         self.items, self.negative_text, self._text_length = self._load_items()
-        self._references: dict[str, tuple[Any, Any]] = {}
+        self._references: dict[str, tuple[Any, Any, str]] = {}
         self._summaries = ValidationSummaries(settings.tensorboard_dir) if settings.tensorboard_dir else None
 
     def _text_encoder(self):
@@ -182,16 +185,21 @@ class ValidationRunner:
                              progress=self.progress)  # fmt: skip
         return latents[0].cpu()
 
-    def _reference(self, item: EvalItem) -> tuple[torch.Tensor, Any]:
-        """The start frame [3, H, W] and the ground-truth frames (uint8) of an item, decoded once."""
+    def _reference(self, item: EvalItem) -> tuple[torch.Tensor, Any, str]:
+        """An item's start frame [3, H, W], ground-truth frames (uint8) and what the start frame is, decoded once.
+
+        Without the start image the start frame is the decoded cond latent, against which the drift is 0 by
+        construction (the sampler never changes latent frame 0); the name recorded says so.
+        """
         if item.key not in self._references:
-            start = item.start_pixels
+            start, reference = item.start_pixels, START_IMAGE
             if start is None:
                 start = decode_latents(self.vae, item.cond_latents[None])[0, :, 0].cpu()  # [3, H, W]
+                reference = COND_DECODE
             truth = None
             if item.truth is not None:
                 truth = frames_to_uint8(decode_latents(self.vae, item.truth[None])[0])
-            self._references[item.key] = (start, truth)
+            self._references[item.key] = (start, truth, reference)
         return self._references[item.key]
 
     def run(self, request: ValidationRequest) -> dict[str, Any]:
@@ -206,9 +214,9 @@ class ValidationRunner:
             frames = decode_latents(self.vae, latents[None])[0].cpu()  # [3, F, H, W] in [-1, 1]
             video = frames_to_uint8(frames)
             write_mp4(video, folder / f"{item.key}.mp4", self.settings.fps)
-            start, truth = self._reference(item)
+            start, truth, reference = self._reference(item)
             record = {"key": item.key, "caption": item.caption, "video": f"{item.key}.mp4"}
-            record |= first_frame_drift(frames, start)
+            record |= first_frame_drift(frames, start) | {"first_frame_reference": reference}
             if item.truth is not None:
                 record |= latent_errors(latents, item.truth)
             records.append(record)

@@ -57,3 +57,22 @@ def test_enough_samples_pass_the_check(tmp_path, workers):
     helpers = _train_helpers()
     helpers.write_shards(tmp_path / "shards", "tiny", {(5, 16, 16): [2, 2]}, text_dim=helpers.TINY_TEXT_DIM)
     train.check_data_plan(helpers.make_config(tmp_path, tmp_path / "shards", num_workers=workers))
+
+
+@pytest.mark.integration
+def test_a_nonfinite_streak_ends_the_command_with_exit_2(tmp_path):
+    # The real command on a local Ray (its own process, so Ray goes with it): NaN latents in every sample.
+    import subprocess
+    import sys
+
+    helpers = _train_helpers()
+    helpers.write_shards(tmp_path / "shards", "tiny", {(5, 16, 16): [2, 2]}, text_dim=helpers.TINY_TEXT_DIM)
+    helpers.poison_shards(tmp_path / "shards")
+    helpers.make_config(tmp_path, tmp_path / "shards", max_nonfinite_steps_in_row=2, max_failures=2)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--config", str(tmp_path / "config.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: training stopped:" in proc.stderr and "max_nonfinite_steps_in_row = 2" in proc.stderr
+    assert "training finished" not in proc.stdout

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from longcat_dist.config_values import ConfigError
-from sharding.buckets import bucket_size, cover_crop, resize_to_bucket, usable_frames
+from longcat_dist.data.pixels import cover_crop, resize_to_bucket
+from sharding.buckets import bucket_size, usable_frames
 
 
 @pytest.mark.parametrize(

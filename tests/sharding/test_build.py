@@ -9,11 +9,12 @@ import pytest
 import webdataset as wds
 
 from longcat_dist.data.format import Manifest, decode_sample, load_null_text
+from longcat_dist.data.pixels import read_image
 from sharding.build import BuildOptions, DatasetSpec, build_dataset, build_params
 from sharding.cli import main
 from sharding.demo_data import DEMO_FRAMES, TRAIN_ID, VAL_ID, make_demo_data
 from sharding.encode import Encoders, EncoderSpec
-from sharding.media import read_image, read_video
+from sharding.media import read_video
 from sharding.verify import verify
 
 TINY = BuildOptions(EncoderSpec(tiny=True), samples_per_shard=2)

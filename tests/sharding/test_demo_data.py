@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 
 from longcat_dist.config_data import load_data_backends
+from longcat_dist.data.pixels import read_image
 from sharding.demo_data import BACKGROUND, DEMO_FRAMES, SPEED, VAL_ID, make_demo_data, random_clip, render
-from sharding.media import read_image, read_video
+from sharding.media import read_video
 
 
 def _centre(frame: torch.Tensor) -> tuple[float, float]:

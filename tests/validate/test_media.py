@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from longcat_dist.encoders import encode_frames
 from longcat_dist.validate.gallery import METRICS_FILE, step_dir, write_gallery
 from longcat_dist.validate.media import (
     contact_row,
@@ -21,6 +22,8 @@ from longcat_dist.validate.media import (
     write_mp4,
 )
 from longcat_dist.validate.summaries import ValidationSummaries
+from sharding import encode
+from sharding.media import write_video
 
 
 def _moving_square(frames=9, height=32, width=48):
@@ -133,3 +136,22 @@ def test_tensorboard_gifs_are_shrunk_to_a_preview_width():
     frames[1], frames[2] = 120, 255  # distinct frames (the GIF writer merges identical ones)
     with Image.open(io.BytesIO(gif_bytes(frames, max_width=100))) as gif:
         assert gif.size == (100, 15) and gif.n_frames == 3
+
+
+def test_start_frame_is_the_tensor_the_shard_builder_encodes(tmp_path, monkeypatch):
+    # A start image of neither the bucket's size nor its aspect, so the cover resize and the crop both act.
+    start = np.random.default_rng(1).integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    Image.fromarray(start).save(tmp_path / "start.png")
+    write_video(tmp_path / "clip.mp4", torch.zeros(5, 32, 64, 3, dtype=torch.uint8), 8.0)
+    encoded = []
+
+    def spy(vae, pixels, **kwargs):
+        encoded.append(pixels)  # [1, 3, F, H, W]
+        return encode_frames(vae, pixels, **kwargs)
+
+    monkeypatch.setattr(encode, "encode_frames", spy)
+    clip = {"bucket_size": [32, 64], "clip": str(tmp_path / "clip.mp4"), "frames": 5,
+            "start_frame": str(tmp_path / "start.png")}  # fmt: skip
+    encode.Encoders(encode.EncoderSpec(tiny=True)).encode_clip(clip)
+    builder_start = encoded[1][0, :, 0]  # the clip first, then the start frame
+    assert torch.equal(load_start_frame(tmp_path / "start.png", 32, 64), builder_start)

@@ -2,7 +2,10 @@
 
 import dataclasses
 import json
+import logging
+import math
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -10,14 +13,16 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from validate_helpers import FRAMES, SIZE, write_config, write_lora
+from validate_helpers import FRAMES, SIZE, TEXT_DIM, write_clip_shards, write_config, write_lora
 
 from longcat_dist.config import load_config
 from longcat_dist.data.format import load_null_text
-from longcat_dist.encoders import build_text_encoder
-from longcat_dist.validate.gallery import step_dir
+from longcat_dist.encoders import build_text_encoder, build_vae, decode_latents, encode_frames
+from longcat_dist.validate.gallery import step_dir, write_gallery
+from longcat_dist.validate.media import load_start_frame
+from longcat_dist.validate.metrics import first_frame_drift
 from longcat_dist.validate.queue import ValidationRequest
-from longcat_dist.validate.runner import ValidationRunner, settings_from_config
+from longcat_dist.validate.runner import COND_DECODE, START_IMAGE, ValidationRunner, settings_from_config
 
 
 def test_a_run_writes_videos_sheet_metrics_and_summaries(eval_config):
@@ -102,3 +107,60 @@ def test_prompt_mode_encodes_the_prompt_and_the_start_frame(eval_config, tmp_pat
     # Against the real start image the drift is the VAE's round-trip error (random tiny VAE: large).
     assert "latent_mse" not in sample and sample["first_frame_mae"] > 0.01
     assert (step_dir(eval_config.output_dir, 0) / "prompt.mp4").is_file()
+
+
+def _start_image_shards(directory, starts):
+    """Eval shards whose cond latents are the tiny VAE's encoding of real start images (None: a missing file)."""
+    vae, gen = build_vae(tiny=True), torch.Generator().manual_seed(3)
+    videos, sources = [], []
+    for index, start in enumerate(starts):
+        path = directory / f"start{index}.png"
+        if start is None:
+            cond = torch.randn(16, 1, SIZE // 8, SIZE // 8, generator=gen)
+        else:
+            Image.fromarray(start).save(path)
+            cond = encode_frames(vae, load_start_frame(path, SIZE, SIZE)[None, :, None])[0]  # [16, 1, h, w]
+        videos.append(torch.cat([cond, torch.randn(16, 1, SIZE // 8, SIZE // 8, generator=gen)], dim=1))
+        sources.append([str(directory / f"clip{index}.mp4"), str(path)])
+    texts = [torch.randn(2, TEXT_DIM, generator=gen) for _ in starts]
+    write_clip_shards(directory / "shards" / "val", videos, texts, sources=sources)
+    return [Path(s[1]) for s in sources]
+
+
+def test_dataset_mode_drift_is_against_the_start_image_the_meta_names(tmp_path):
+    rng = np.random.default_rng(0)
+    # Not the bucket's size or aspect: the image is preprocessed (cover + centre crop) as the builder does.
+    starts = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(2)]
+    paths = _start_image_shards(tmp_path, starts)
+    runner = ValidationRunner(settings_from_config(load_config(write_config(tmp_path))))
+    report = runner.run(ValidationRequest(0, None))
+    for index, (item, sample, path) in enumerate(zip(runner.items, report["samples"], paths, strict=True)):
+        start = load_start_frame(path, SIZE, SIZE)
+        assert torch.equal(item.start_pixels, start)
+        assert sample["first_frame_reference"] == START_IMAGE
+        frames = decode_latents(runner.vae, runner.generate(item, index)[None])[0]  # [3, F, H, W]
+        expected = first_frame_drift(frames, start)
+        # The VAE round trip of the image: far from 0 with the tiny random VAE.
+        assert sample["first_frame_mae"] == expected["first_frame_mae"] and sample["first_frame_mae"] > 0.01
+        assert sample["first_frame_psnr"] == expected["first_frame_psnr"]
+        assert math.isfinite(sample["first_frame_psnr"])
+
+
+def test_without_a_readable_start_image_the_drift_says_it_is_against_the_cond_decode(tmp_path, caplog):
+    paths = _start_image_shards(tmp_path, [None, np.full((32, 32, 3), 7, np.uint8)])
+    paths[1].write_text("not an image")
+    caplog.set_level(logging.INFO, logger="longcat_dist.validate.eval_set")
+    cfg = load_config(write_config(tmp_path))
+    runner = ValidationRunner(settings_from_config(cfg))
+    report = runner.run(ValidationRequest(0, None))
+    assert [s["first_frame_reference"] for s in report["samples"]] == [COND_DECODE, COND_DECODE]
+    assert all(item.start_pixels is None for item in runner.items)
+    (message,) = [r.getMessage() for r in caplog.records if "VAE decode of the cond latent" in r.getMessage()]
+    assert all(f"start frame {path}: not a readable image" in message for path in paths)
+    written = json.loads((step_dir(cfg.output_dir, 0) / "metrics.json").read_text())
+    # Frame 0 is the cond latent decoded: the drift is 0, its PSNR infinite, which strict JSON writes as null.
+    assert written["mean"]["first_frame_mae"] == 0.0 and written["mean"]["first_frame_psnr"] is None
+    for sample in written["samples"]:
+        assert sample["first_frame_reference"] == COND_DECODE
+        assert sample["first_frame_mae"] == 0.0 and sample["first_frame_psnr"] is None
+    assert "first_frame_mae=" in write_gallery(cfg.output_dir).read_text()

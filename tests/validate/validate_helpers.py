@@ -40,10 +40,12 @@ def write_clip_shards(
     null_text: torch.Tensor | None = None,
     max_length: int = MAX_LENGTH,
     dataset_id: str = "val",
+    sources: list[list[str] | None] | None = None,
 ) -> fmt.Manifest:
     """One bucket, one shard: clip latents [16, T, h, w] with their first frame as cond, plus the null text.
 
-    The text width (the manifest's `dim`) is that of `texts`; the tiny DiT reads TEXT_DIM.
+    The text width (the manifest's `dim`) is that of `texts`; the tiny DiT reads TEXT_DIM. `sources` gives each
+    sample's meta `sources` ([clip, start frame], as the builder writes it; None: no such key).
     """
     root.mkdir(parents=True, exist_ok=True)
     text_dim = texts[0].shape[-1]
@@ -54,6 +56,8 @@ def write_clip_shards(
     with wds.TarWriter(str(root / rel), encoder=False) as sink:
         for index, (video, text) in enumerate(zip(videos, texts, strict=True)):
             meta = {"caption": f"clip {index}", "bucket": name}
+            if sources is not None and sources[index] is not None:
+                meta["sources"] = sources[index]
             sink.write(fmt.encode_sample(f"clip{index}", video, video[:, :1], text, meta))
     bucket.shards.append(fmt.ShardInfo(rel, len(videos), fmt.sha256_file(root / rel)))
     vae = {
