@@ -20,7 +20,7 @@ from attention import time_ms  # bench/ is the script's directory, so its module
 
 from longcat_dist.kernels.fused_block import fused_gated_add, fused_modulate, fused_rms_norm, fused_rope
 from longcat_dist.model.layers import NORM_EPS, LayerNormFp32, RMSNormFp32, modulate
-from longcat_dist.model.rope import apply_rope, rope_angles
+from longcat_dist.model.rope import apply_rope, rope_cos_sin
 from longcat_dist.model.transformer import _gated_add
 
 OPS = ("modulate", "gated_add", "rms_norm", "rope")
@@ -74,8 +74,8 @@ def build_case(op: str, args: argparse.Namespace) -> Case:
         return Case([qkv], lambda: norm(q), lambda: fused_rms_norm(q, norm.weight, NORM_EPS))
     per_frame = tokens // frames
     width = args.width
-    angles = rope_angles(args.head_dim, (frames, per_frame // width, width))
-    return Case([qkv], lambda: apply_rope(q, angles), lambda: fused_rope(q, angles))
+    cos, sin = rope_cos_sin(args.head_dim, (frames, per_frame // width, width), q.device)
+    return Case([qkv], lambda: apply_rope(q, cos, sin), lambda: fused_rope(q, cos, sin))
 
 
 def ulp_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, float]:

@@ -141,7 +141,10 @@ def step_arguments(parser: argparse.ArgumentParser, rows: str, steps: int) -> No
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny test width (CPU smoke runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--fused", action="store_true", help="fused Triton kernels for the fp32 islands")
+    parser.add_argument(
+        "--fused", action=argparse.BooleanOptionalAction, default=True,
+        help="fused Triton kernels for the fp32 islands, as training runs them (--no-fused: the torch code)",
+    )  # fmt: skip
 
 
 def parse_step_arguments(

@@ -116,6 +116,7 @@ class TrainConfig:
     attention_implementation: Literal["auto", "sdpa", "bsa", "xformers"] = "auto"
     bsa_sparsity: float = 0.9375
     bsa_chunk_shape: tuple[int, int, int] = (4, 4, 4)
+    fused_elementwise: bool = True  # the blocks' fp32 islands as Triton kernels on CUDA (no effect on the CPU)
     # LoRA
     lora_rank: int = 8
     lora_alpha: float | None = None  # load_config sets it to lora_rank when unset

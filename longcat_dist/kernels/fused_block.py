@@ -270,13 +270,14 @@ class _Rope(torch.autograd.Function):
         return _rope(_last_dim_unit(dout), cos, sin, transpose=True), None, None
 
 
-def fused_rope(x: Tensor, angles: Tensor) -> Tensor:
-    """rope.apply_rope as one kernel: x [B, nh, N, hd] (any strides), angles [N, hd] fp32; returns x's dtype."""
+def fused_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """rope.apply_rope as one kernel: x [B, nh, N, hd] (any strides), cos/sin [N, hd] fp32; returns x's dtype."""
     _check_heads("fused_rope", x, (4,))
-    if tuple(angles.shape) != tuple(x.shape[2:]) or angles.dtype != torch.float32:
-        raise ValueError(
-            f"fused_rope: angles must be float32 [N, hd] = {list(x.shape[2:])}; got {angles.dtype} {list(angles.shape)}"
-        )
-    angles = angles.to(device=x.device, non_blocking=True).contiguous()
-    # cos and sin by torch on the device, as the reference takes them (§2.12 rule 6).
-    return _Rope.apply(_last_dim_unit(x), angles.cos(), angles.sin())
+    for name, table in (("cos", cos), ("sin", sin)):
+        if tuple(table.shape) != tuple(x.shape[2:]) or table.dtype != torch.float32:
+            raise ValueError(
+                f"fused_rope: {name} must be float32 [N, hd] = {list(x.shape[2:])}; "
+                f"got {table.dtype} {list(table.shape)}"
+            )
+    # cos and sin as torch takes them on the device (rope.rope_cos_sin), as the reference does (§2.12 rule 6).
+    return _Rope.apply(_last_dim_unit(x), cos.to(x.device).contiguous(), sin.to(x.device).contiguous())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longcat_dist.model.layers import RMSNormFp32, use_fused_elementwise
-from longcat_dist.model.rope import apply_rope, rope_angles
+from longcat_dist.model.rope import apply_rope, rope_cos_sin
 
 BACKENDS = ("auto", "sdpa", "xformers", "bsa")
 
@@ -38,8 +38,9 @@ class AttentionSettings:
     """The backend (auto | sdpa | xformers | bsa), its BSA parameters, and whether the block's fp32 islands
     (modulation, gated residuals, q/k norm, RoPE) run as fused Triton kernels on CUDA tensors.
 
-    The fused kernels are off by default until their GPU run and timing (bench/fused_block.py) are in
-    docs/PERFORMANCE.md; `bench/step.py --fused` turns them on."""
+    The fused kernels are off in the model by default, so that it reproduces the official numerics bit for bit;
+    training turns them on (config `fused_elementwise`, default true): they differ from the torch code in at most
+    one bf16 ulp of a term on 2e-5 of the elements and cut ~65 ms of a 207 ms block step (docs/PERFORMANCE.md)."""
 
     backend: str = "auto"
     bsa: BSAParams = BSAParams()
@@ -165,15 +166,16 @@ class SelfAttention(nn.Module):
             )
             cache_frames = k_cache.shape[2] // (height * width)
             k, v = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
-            angles = rope_angles(self.head_dim, (cache_frames + frames, height, width))
-            q = apply_rope(q, angles[cache_frames * height * width :], fused)
-            k = apply_rope(k, angles, fused)
+            cos, sin = rope_cos_sin(self.head_dim, (cache_frames + frames, height, width), x.device)
+            start = cache_frames * height * width
+            q = apply_rope(q, cos[start:], sin[start:], fused)
+            k = apply_rope(k, cos, sin, fused)
             if settings.backend == "bsa":
                 raise ValueError("the KV-cache path runs dense attention only; use attention backend 'sdpa'")
             out = dense_attention(q, k, v, "xformers" if settings.backend == "xformers" else "sdpa")
         else:
-            angles = rope_angles(self.head_dim, latent_shape)
-            q, k = apply_rope(q, angles, fused), apply_rope(k, angles, fused)
+            cos, sin = rope_cos_sin(self.head_dim, tuple(latent_shape), x.device)
+            q, k = apply_rope(q, cos, sin, fused), apply_rope(k, cos, sin, fused)
             out = self_attention(
                 q, k, v, num_cond_tokens=num_cond_tokens, latent_shape=latent_shape, settings=settings
             )

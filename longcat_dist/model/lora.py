@@ -40,11 +40,14 @@ def _lora_base_types() -> tuple[type[nn.Module], ...]:
 
 
 def _custom_module_mapping() -> dict[type[nn.Module], type[nn.Module]]:
+    """Our LoRA layer classes by base type: quantized Linears first, then nn.Linear (lora_linear.FastLoraLinear)."""
+    from longcat_dist.model.lora_linear import FastLoraLinear
+
     try:
         from longcat_dist.model.quant import lora_custom_module_mapping
     except ImportError:
-        return {}
-    return lora_custom_module_mapping()
+        return {nn.Linear: FastLoraLinear}
+    return {**lora_custom_module_mapping(), nn.Linear: FastLoraLinear}
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:
@@ -85,9 +88,7 @@ def _inject(
         target_modules=_exact_names_regex(names),
         rank_pattern={re.escape(n): r for n, r in ranks.items() if r != base_rank},
     )
-    mapping = _custom_module_mapping()
-    if mapping:
-        config._register_custom_module(mapping)
+    config._register_custom_module(_custom_module_mapping())
     for param in model.parameters():
         param.requires_grad_(False)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)

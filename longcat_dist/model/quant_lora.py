@@ -1,11 +1,12 @@
 """PEFT's LoRA Linear around a frozen Fp8Linear / Int8Linear (registered through lora_custom_module_mapping)."""
 
 import torch
-from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from longcat_dist.model.lora_linear import FastLoraLinear
 
-class QuantLoraLinear(LoraLinear):
+
+class QuantLoraLinear(FastLoraLinear):
     """out = quantized_base(x) + lora_B(lora_A(dropout(x))) * scaling; the LoRA keeps its own dtype."""
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 The head dim is split into (t, h, w) parts of 44/42/42 for hd = 128; each part is a standard RoPE over that axis'
 integer positions with base 10000, and pairs are interleaved (GPT-J style). The angle tables are built on the CPU in
-fp32 and cached per grid: the official model does so, and building them on the GPU changes bf16 outputs (§2.12).
+fp32 and cached per grid: the official model does so, and building them on the GPU changes bf16 outputs (§2.12);
+their cos and sin are then taken once per grid on the device (rope_cos_sin).
 """
 
 from __future__ import annotations
@@ -54,16 +55,27 @@ def rotate_pairs(x: Tensor) -> Tensor:
     return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
 
 
-def apply_rope(x: Tensor, angles: Tensor, fused: bool = False) -> Tensor:
-    """Rotate x [B, nh, N, hd] by angles [N, hd] (fp32) in fp32; the result keeps x's dtype.
+@functools.lru_cache(maxsize=8)
+def rope_cos_sin(head_dim: int, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin [T·Hp·Wp, head_dim] fp32 of rope_angles, on `device`, computed there by torch and cached per grid.
+
+    The reference takes cos/sin of the CPU-built table on the device (§2.12 rule 6); building them once per grid
+    removes a 19 MB host-to-device copy and two transcendental passes from every attention call.
+    """
+    # Normal tensors even when first asked for under inference_mode (validation), so training may save them.
+    with torch.inference_mode(False), torch.no_grad():
+        angles = rope_angles(head_dim, grid).clone().to(device)
+        return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, fused: bool = False) -> Tensor:
+    """Rotate x [B, nh, N, hd] by the tables cos, sin [N, hd] (fp32, on x's device) in fp32; keeps x's dtype.
 
     fused: one Triton kernel (longcat_dist.kernels.fused_block) instead of the torch ops.
     """
     if fused:
         from longcat_dist.kernels.fused_block import fused_rope
 
-        return fused_rope(x, angles)
-    angles = angles.to(device=x.device, non_blocking=True)
-    cos, sin = angles.cos(), angles.sin()
+        return fused_rope(x, cos, sin)
     x32 = x.float()
     return (x32 * cos + rotate_pairs(x32) * sin).to(x.dtype)

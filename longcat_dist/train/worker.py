@@ -65,6 +65,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     model.set_attention_backend(
         cfg.attention_implementation, BSAParams(cfg.bsa_sparsity, tuple(cfg.bsa_chunk_shape))
     )
+    model.set_fused_elementwise(cfg.fused_elementwise)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing(cfg.gradient_checkpointing_interval)
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: identical on every rank

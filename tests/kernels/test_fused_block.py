@@ -31,21 +31,39 @@ def _ordered(t: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
 
-def assert_within_one_ulp(name: str, out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Assert bf16 out and ref differ by at most one ulp on at most BF16_ULP_FRACTION[name]; return the fraction."""
-    distance = (_ordered(out.cpu()) - _ordered(ref.cpu())).abs()
+def assert_within_one_ulp(
+    name: str, out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor | None = None
+) -> float:
+    """Assert bf16 out and ref differ by at most one ulp on at most BF16_ULP_FRACTION[name]; return the fraction.
+
+    magnitude: for a result that is a sum (modulate's normed·(1 + scale) + shift), the size of its terms; one ulp
+    is then counted at that size, because a sum that cancels to near zero carries the terms' rounding, not its own.
+    """
+    out, ref = out.cpu(), ref.cpu()
+    distance = (_ordered(out) - _ordered(ref)).abs()
     fraction = (distance > 0).float().mean().item()
-    assert distance.max().item() <= 1, f"{name}: {distance.max().item()} bf16 ulps apart"
+    if magnitude is None:
+        assert distance.max().item() <= 1, f"{name}: {distance.max().item()} bf16 ulps apart"
+    else:
+        excess = (out.float() - ref.float()).abs() - magnitude.cpu().float() * 2.0**-7
+        assert excess.max().item() <= 0, f"{name}: differs by more than one bf16 ulp of its terms"
     assert fraction <= BF16_ULP_FRACTION[name], f"{name}: {fraction:.4f} of elements one ulp apart"
     return fraction
 
 
-def check_forward(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+def check_forward(name: str, out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
     assert out.dtype == ref.dtype and out.shape == ref.shape
     if out.dtype == BF16:
-        assert_within_one_ulp(name, out, ref)
+        assert_within_one_ulp(name, out, ref, magnitude)
     else:
         torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+def modulate_terms(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, frames: int) -> torch.Tensor:
+    """|normed·(1 + scale)| + |shift| in fp32: the size of the two terms modulate adds, per element of its output."""
+    normed = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=NORM_EPS)
+    normed = normed.view(x.shape[0], frames, -1, x.shape[-1])
+    return ((normed * (1 + scale)).abs() + shift.abs()).view(x.shape)
 
 
 def check_gradients(inputs: list[torch.Tensor], fused_out, ref_out) -> None:
@@ -136,8 +154,8 @@ def test_rms_norm_of_packed_text_keys_matches_reference():
 def test_rope_matches_reference(dtype, head_dim):
     qkv, _, k, grid = head_views(dtype, head_dim)
     angles = rope_angles(head_dim, grid)
-    out = fused_rope(k, angles)
-    ref = apply_rope(k, angles)
+    out = fused_rope(k, angles.cos(), angles.sin())
+    ref = apply_rope(k, angles.cos(), angles.sin())
     check_forward("rope", out, ref)
     check_gradients([qkv], out, ref)
 
@@ -146,7 +164,7 @@ def test_rope_backward_takes_each_sine_from_its_own_column():
     # rope_angles repeats each angle over a pair; random angles check the transposed rotation in general.
     qkv, q, _, _ = head_views(FP32, 16)
     angles = torch.rand(40, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE) * 6
-    check_gradients([qkv], fused_rope(q, angles), apply_rope(q, angles))
+    check_gradients([qkv], fused_rope(q, angles.cos(), angles.sin()), apply_rope(q, angles.cos(), angles.sin()))
 
 
 def test_row_at_a_time_as_on_gpu_matches_reference(monkeypatch):
@@ -221,7 +239,9 @@ def test_training_shape_on_gpu_matches_reference():
     shift, scale, gate = mod.chunk(3, dim=-1)
     out = fused_modulate(x, shift, scale, 4, NORM_EPS)
     ref = modulate(LayerNormFp32(4096, elementwise_affine=False), x, shift, scale, 4)
-    check_forward("modulate", out, ref)
+    # Measured on the H200: 2e-5 of the elements differ, all within one ulp of the terms (up to 64 ulps of a
+    # result that cancels to near zero).
+    check_forward("modulate", out, ref, modulate_terms(x, shift, scale, 4))
     check_gradients([x, mod], out, ref)
     check_forward("gated_add", fused_gated_add(x, gate, out, 4), _gated_add(x, gate, out, 4))
     qkv = randn(1, 4 * 1560, 3, 32, 128, dtype=BF16, seed=3, scale=2.0)
@@ -229,5 +249,6 @@ def test_training_shape_on_gpu_matches_reference():
     norm = RMSNormFp32(128).to(DEVICE, BF16)
     check_forward("rms_norm", fused_rms_norm(q, norm.weight, NORM_EPS), norm(q))
     angles = rope_angles(128, (4, 30, 52))
-    check_forward("rope", fused_rope(q, angles), apply_rope(q, angles))
-    check_gradients([qkv], fused_rope(q, angles), apply_rope(q, angles))
+    cos, sin = angles.to(q.device).cos(), angles.to(q.device).sin()
+    check_forward("rope", fused_rope(q, cos, sin), apply_rope(q, cos, sin))
+    check_gradients([qkv], fused_rope(q, cos, sin), apply_rope(q, cos, sin))

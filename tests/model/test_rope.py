@@ -46,7 +46,8 @@ def test_rotation_preserves_norms(head_dim, grid, seed):
     x = torch.randn(
         1, 2, grid[0] * grid[1] * grid[2], head_dim, generator=torch.Generator().manual_seed(seed)
     )
-    rotated = apply_rope(x, rope_angles(head_dim, grid))
+    table = rope_angles(head_dim, grid)
+    rotated = apply_rope(x, table.cos(), table.sin())
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
@@ -59,8 +60,8 @@ def test_scores_depend_only_on_relative_positions(head_dim, seed):
     index = lambda t, h, w: (t * 4 + h) * 4 + w  # noqa: E731
 
     def score(qpos, kpos):
-        rq = apply_rope(q[None, None, None], table[index(*qpos)][None])
-        rk = apply_rope(k[None, None, None], table[index(*kpos)][None])
+        rq = apply_rope(q[None, None, None], table[index(*qpos)][None].cos(), table[index(*qpos)][None].sin())
+        rk = apply_rope(k[None, None, None], table[index(*kpos)][None].cos(), table[index(*kpos)][None].sin())
         return (rq * rk).sum()
 
     torch.testing.assert_close(score((0, 1, 0), (1, 2, 1)), score((2, 1, 2), (3, 2, 3)), rtol=1e-4, atol=1e-4)
@@ -70,9 +71,9 @@ def test_scores_depend_only_on_relative_positions(head_dim, seed):
 def test_bf16_input_is_rotated_in_fp32_and_returned_in_bf16():
     x = torch.randn(1, 1, 8, 32)
     table = rope_angles(32, (2, 2, 2))
-    out = apply_rope(x.to(torch.bfloat16), table)
+    out = apply_rope(x.to(torch.bfloat16), table.cos(), table.sin())
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), apply_rope(x, table), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), apply_rope(x, table.cos(), table.sin()), rtol=2e-2, atol=2e-2)
 
 
 def test_bf16_rotation_is_fp32_maths_with_one_cast():
@@ -83,7 +84,7 @@ def test_bf16_rotation_is_fp32_maths_with_one_cast():
     expected = (
         torch.stack([even * cos - odd * sin, odd * cos + even * sin], -1).flatten(-2).to(torch.bfloat16)
     )
-    out = apply_rope(x, table)
+    out = apply_rope(x, table.cos(), table.sin())
     assert torch.equal(out, expected)
     cos16, sin16 = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
     even16, odd16 = x[..., 0::2], x[..., 1::2]
