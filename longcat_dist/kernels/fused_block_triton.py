@@ -233,27 +233,32 @@ def _rope_kernel(
     x_s0, x_s1, x_s2, o_s0, o_s1, o_s2,
     HEAD_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):  # fmt: skip
-    """out = x·cos + rot(x)·sin per interleaved pair; TRANSPOSE applies the transposed map (the backward)."""
+    """out = x·cos + rot(x)·sin per interleaved pair; TRANSPOSE applies the transposed map (the backward).
+
+    Rows are loaded whole and split into their even and odd columns (reshape + split), so every load and store is
+    contiguous; the sums are the torch code's, term for term (x·cos + (∓x_partner)·sin, no FMA).
+    """
     lead, block = tl.program_id(0), tl.program_id(1)
     x_rows, tokens, rmask = _head_tile(lead, block, size1, size2, x_s0, x_s1, x_s2, HEAD_ROWS)
     out_rows, _, _ = _head_tile(lead, block, size1, size2, o_s0, o_s1, o_s2, HEAD_ROWS)
     cols = tl.arange(0, BLOCK_D)
-    partner = cols ^ 1
     mask = rmask[:, None] & (cols < head_dim)[None, :]
-    table = tokens.to(tl.int64)[:, None] * head_dim
+    table = tokens.to(tl.int64)[:, None] * head_dim + cols[None, :]
     x = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x_partner = tl.load(x_ptr + x_rows[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + table + cols[None, :], mask=mask, other=0.0)
-    even = (cols % 2 == 0)[None, :]
+    cos = tl.load(cos_ptr + table, mask=mask, other=0.0)
+    sin = tl.load(sin_ptr + table, mask=mask, other=0.0)
+    x_even, x_odd = tl.split(tl.reshape(x, (HEAD_ROWS, BLOCK_D // 2, 2)))
+    cos_even, cos_odd = tl.split(tl.reshape(cos, (HEAD_ROWS, BLOCK_D // 2, 2)))
+    sin_even, sin_odd = tl.split(tl.reshape(sin, (HEAD_ROWS, BLOCK_D // 2, 2)))
     if TRANSPOSE:
-        # rot^T(u) = (u1, -u0) for u = g·sin: each sin belongs to the partner's column.
-        sin = tl.load(sin_ptr + table + partner[None, :], mask=mask, other=0.0)
-        rotated = tl.where(even, x_partner, -x_partner)
+        # rot^T(u) = (u1, -u0) for u = g·sin: each sine belongs to the partner's column.
+        out_even = x_even * cos_even + x_odd * sin_odd
+        out_odd = x_odd * cos_odd + (-x_even) * sin_even
     else:
         # rot(x) = (-x1, x0)
-        sin = tl.load(sin_ptr + table + cols[None, :], mask=mask, other=0.0)
-        rotated = tl.where(even, -x_partner, x_partner)
-    out = x * cos + rotated * sin
+        out_even = x_even * cos_even + (-x_odd) * sin_even
+        out_odd = x_odd * cos_odd + x_even * sin_odd
+    out = tl.reshape(tl.join(out_even, out_odd), (HEAD_ROWS, BLOCK_D))
     out = _round(out, out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + out_rows[:, None] + cols[None, :], out, mask=mask)
 

@@ -153,7 +153,7 @@ def test_rms_norm_of_packed_text_keys_matches_reference():
 @pytest.mark.parametrize("head_dim", [16, 32])
 def test_rope_matches_reference(dtype, head_dim):
     qkv, _, k, grid = head_views(dtype, head_dim)
-    angles = rope_angles(head_dim, grid)
+    angles = rope_angles(head_dim, grid).to(DEVICE)
     out = fused_rope(k, angles.cos(), angles.sin())
     ref = apply_rope(k, angles.cos(), angles.sin())
     check_forward("rope", out, ref)
@@ -224,7 +224,8 @@ def test_tiny_model_with_fused_islands_matches_torch_path(monkeypatch, dtype):
     out, grads = run(True)
     # Largest difference relative to the largest value. Measured: fp32 1.2e-6; bf16 2e-3 for the output (under one
     # ulp of it) and 9e-3 for the gradients, where the kernels' rare one-ulp differences pass through bf16 layers.
-    bound = 1e-5 if dtype == FP32 else 3e-2
+    # On CUDA the patch embedder's Conv3d runs in TF32 (cuDNN's default): measured 5.8e-5 for its weight gradient.
+    bound = (1e-5 if DEVICE == "cpu" else 2e-4) if dtype == FP32 else 3e-2
     for name, got, want in [("output", out, ref_out), *((n, grads[n], ref_grads[n]) for n in grads)]:
         error = (got.float() - want.float()).abs().max() / want.float().abs().max()
         assert error <= bound, f"{name}: {error:.2e}"
