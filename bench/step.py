@@ -35,13 +35,14 @@ from longcat_dist.model.weights import build_random  # noqa: E402
 from longcat_dist.train.engine import GuardedStepper, build_engine, deepspeed_config  # noqa: E402
 from longcat_dist.train.step import FlowSettings, flow_loss  # noqa: E402
 
-ROWS = {  # name: (attention backend, base precision, ZeRO stage, activation checkpoint interval)
-    "sdpa-bf16": ("sdpa", "bf16", 2, 1),
-    "sdpa-fp8": ("sdpa", "fp8", 2, 1),
-    "bsa-bf16": ("bsa", "bf16", 2, 1),
-    "bsa-fp8": ("bsa", "fp8", 2, 1),
-    "bsa-fp8-ckpt2": ("bsa", "fp8", 2, 2),
-    "bsa-bf16-zero3": ("bsa", "bf16", 3, 1),
+ROWS = {  # name: (attention backend, base precision, ZeRO stage, checkpoint interval, checkpoint saves attention)
+    "sdpa-bf16": ("sdpa", "bf16", 2, 1, False),
+    "sdpa-bf16-saveattn": ("sdpa", "bf16", 2, 1, True),
+    "sdpa-fp8": ("sdpa", "fp8", 2, 1, False),
+    "bsa-bf16": ("bsa", "bf16", 2, 1, False),
+    "bsa-fp8": ("bsa", "fp8", 2, 1, False),
+    "bsa-fp8-ckpt2": ("bsa", "fp8", 2, 2, False),
+    "bsa-bf16-zero3": ("bsa", "bf16", 3, 1, False),
 }
 DEFAULT_ROWS = "sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8"
 FULL_DEPTH = 48
@@ -80,13 +81,13 @@ def init_process_group(device: torch.device) -> None:
 
 def prepare_row(args, name: str, depth: int):
     """The engine of one row at one depth and its step function (step(index) -> loss); see the module docstring."""
-    backend, precision, zero_stage, interval = ROWS[name]
+    backend, precision, zero_stage, interval, save_attention = ROWS[name]
     device = torch.device(args.device)
     model = build_model(depth, precision, device, args.tiny)
     model.requires_grad_(False)
     inject_lora(model, rank=8, alpha=8, targets=("qkv", "proj", "q_linear", "kv_linear"))
     model.set_attention_backend(backend, BSAParams() if backend == "bsa" else None)
-    model.enable_gradient_checkpointing(interval)
+    model.enable_gradient_checkpointing(interval, save_attention=save_attention)
     model.set_fused_elementwise(args.fused)
     model.train()
     config = deepspeed_config(
@@ -183,7 +184,7 @@ def main() -> None:
             full = a["seconds"] + (FULL_DEPTH - a["depth"]) * per_block
             full_mem = b["peak_gib"] if b["depth"] == FULL_DEPTH else float("nan")
         flops, floor = step_work(args.latent, ROWS[name])
-        row = {"row": name, "config": dict(zip(("attention", "precision", "zero_stage", "checkpoint_interval"),
+        row = {"row": name, "config": dict(zip(("attention", "precision", "zero_stage", "checkpoint_interval", "save_attention"),
                ROWS[name])), "runs": runs, "per_block_s": per_block, "full_s": full, "full_gib": full_mem,
                "measured_gib": b["peak_gib"], "full_flops": flops, "floor_s": floor}  # fmt: skip
         results.append(row)
@@ -212,12 +213,12 @@ def block_work(latent: tuple[int, int, int], row: tuple) -> tuple[float, float]:
     Frozen linears run forward, recompute (checkpointing) and input-gradient: 3x the forward matmuls. Attention
     runs forward, recompute and backward (2.5x): 4.5x; block-sparse computes 1/16 of the blocks.
     """
-    backend, _, _, interval = row
+    backend, _, _, interval, save_attention = row
     c, f = 4096, 11008
     tokens = latent[0] * latent[1] * latent[2] // 4
     recompute = 1.0 if interval == 1 else 1.0 / interval
     linear = 2 * tokens * (6 * c * c + 3 * c * f) * (2 + recompute)
-    attention = 4 * tokens * tokens * c * (3.5 + recompute)
+    attention = 4 * tokens * tokens * c * (3.5 + (0.0 if save_attention else recompute))
     return linear, attention / 16 if backend == "bsa" else attention
 
 

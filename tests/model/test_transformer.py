@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from longcat_dist.model.transformer import DiTConfig, LongCatVideoTransformer3DModel, _gated_add
+from longcat_dist.model.transformer import TINY_DIT, DiTConfig, LongCatVideoTransformer3DModel, _gated_add
 from tests.model.reference_dit import reference_forward, reference_forward_bf16
 
 TINY = dict(
@@ -383,3 +383,44 @@ def test_backend_requested_by_name_must_be_available():
             model.set_attention_backend("xformers")
     model.set_attention_backend("auto")
     assert model.attention.backend == "auto"
+
+
+def test_checkpoint_that_saves_attention_skips_its_recompute_and_keeps_gradients():
+    """gradient_checkpointing_save_attention: same gradients, one self-attention SDPA call per block less."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longcat_dist.model.transformer import _SDPA_OPS
+
+    class CountSdpa(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attention = self.cross_attention = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in _SDPA_OPS:
+                if args[0].shape[-2] == args[1].shape[-2]:
+                    self.self_attention += 1
+                else:
+                    self.cross_attention += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = LongCatVideoTransformer3DModel(DiTConfig(**TINY_DIT)).train()
+    model.set_attention_backend("sdpa")
+    latents = torch.randn(1, 16, 3, 4, 4)
+    timestep, text = torch.full((1, 3), 500.0), torch.randn(1, 1, 5, TINY_DIT["caption_channels"])
+
+    def run(save: bool):
+        model.enable_gradient_checkpointing(1, save_attention=save)
+        model.zero_grad()
+        with CountSdpa() as counts:
+            model(latents, timestep, text, num_cond_latents=1).square().mean().backward()
+        return counts, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_grads = run(False)
+    saved, saved_grads = run(True)
+    depth = TINY_DIT["depth"]
+    assert plain.self_attention == 2 * depth and saved.self_attention == depth
+    assert plain.cross_attention == saved.cross_attention > 0  # cross-attention is still recomputed
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(saved_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
