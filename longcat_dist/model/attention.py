@@ -94,6 +94,14 @@ def _use_bsa(q: Tensor, frames: int, backend: str) -> bool:
     return q.is_cuda and q.dtype in KERNEL_DTYPES and q.shape[-1] in KERNEL_HEAD_DIMS
 
 
+_SELF_ATTENTION_DEPTH = [0]  # > 0 while self_attention runs its dense kernels
+
+
+def in_self_attention() -> bool:
+    """True inside self_attention's dense calls (the selective-checkpoint policy saves exactly those outputs)."""
+    return _SELF_ATTENTION_DEPTH[0] > 0
+
+
 def self_attention(
     q: Tensor,
     k: Tensor,
@@ -121,11 +129,15 @@ def self_attention(
             chunk_shape=settings.bsa.chunk_shape,
         )
     backend = "xformers" if settings.backend == "xformers" else "sdpa"
-    if num_cond_tokens == 0:
-        return dense_attention(q, k, v, backend)
-    m = num_cond_tokens
-    cond = dense_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], backend)
-    noise = dense_attention(q[:, :, m:], k, v, backend)
+    _SELF_ATTENTION_DEPTH[0] += 1
+    try:
+        if num_cond_tokens == 0:
+            return dense_attention(q, k, v, backend)
+        m = num_cond_tokens
+        cond = dense_attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], backend)
+        noise = dense_attention(q[:, :, m:], k, v, backend)
+    finally:
+        _SELF_ATTENTION_DEPTH[0] -= 1
     return torch.cat([cond, noise], dim=2)
 
 

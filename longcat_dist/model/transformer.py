@@ -22,6 +22,7 @@ from longcat_dist.model.attention import (
     BSAParams,
     CrossAttention,
     SelfAttention,
+    in_self_attention,
     resolve_backend,
 )
 from longcat_dist.model.layers import (
@@ -210,8 +211,8 @@ _SDPA_OPS = tuple(
 
 
 def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing: keep the outputs of SDPA self-attention (queries and keys of one length)."""
-    if op in _SDPA_OPS and args[0].shape[-2] == args[1].shape[-2]:
+    """Selective checkpointing: keep the outputs of the SDPA calls of self-attention (not of cross-attention)."""
+    if op in _SDPA_OPS and in_self_attention():
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
