@@ -153,7 +153,7 @@ def plot(results: list[dict], path: Path) -> None:
     for result in results:
         labels += [f"{result['row']} measured", f"{result['row']} floor"]
         fig_rows += [result["per_block_ms"], result["floor_ms"]]
-    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.6 * len(fig_rows)))
+    fig, ax = plt.subplots(figsize=(12, 1.6 + 0.6 * len(fig_rows)))
     for y, values in enumerate(fig_rows):
         left = 0.0
         for category in categories:
@@ -167,7 +167,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("ms per DiT block per training step (forward, recompute, backward)")
     handles, names = ax.get_legend_handles_labels()
     unique = dict(zip(names, handles))
-    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+    ax.legend(unique.values(), unique.keys(), loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
