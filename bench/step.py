@@ -177,16 +177,15 @@ def main() -> None:
             a = b = runs[0]
             scale = FULL_DEPTH / a["depth"]
             full, per_block = a["seconds"] * scale, a["seconds"] / a["depth"]
-            full_mem = a["peak_gib"] if a["depth"] == FULL_DEPTH else float("nan")
         else:
             a, b = runs
             per_block = (b["seconds"] - a["seconds"]) / (b["depth"] - a["depth"])
             full = a["seconds"] + (FULL_DEPTH - a["depth"]) * per_block
-            full_mem = b["peak_gib"] if b["depth"] == FULL_DEPTH else float("nan")
+        full_mem = b["peak_gib"] if b["depth"] == FULL_DEPTH else float("nan")  # measured only
         flops, floor = step_work(args.latent, ROWS[name])
         row = {"row": name, "config": dict(zip(("attention", "precision", "zero_stage", "checkpoint_interval", "save_attention"),
                ROWS[name])), "runs": runs, "per_block_s": per_block, "full_s": full, "full_gib": full_mem,
-               "measured_gib": b["peak_gib"], "full_flops": flops, "floor_s": floor}  # fmt: skip
+               "full_flops": flops, "floor_s": floor}  # fmt: skip
         results.append(row)
         values = (
             a["seconds"],

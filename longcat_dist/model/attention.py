@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import CheckpointPolicy
 
 from longcat_dist.model.layers import RMSNormFp32, use_fused_elementwise
 from longcat_dist.model.rope import apply_rope, rope_cos_sin
@@ -100,6 +101,26 @@ _SELF_ATTENTION_DEPTH = [0]  # > 0 while self_attention runs its dense kernels
 def in_self_attention() -> bool:
     """True inside self_attention's dense calls (the selective-checkpoint policy saves exactly those outputs)."""
     return _SELF_ATTENTION_DEPTH[0] > 0
+
+
+# The aten ops torch's scaled_dot_product_attention dispatches to, by backend.
+_SDPA_OPS = tuple(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: keep the outputs of the SDPA calls of self-attention (not of cross-attention)."""
+    if op in _SDPA_OPS and in_self_attention():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def self_attention(

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from longcat_dist.model.attention import (
     AttentionSettings,
     BSAParams,
     CrossAttention,
     SelfAttention,
-    in_self_attention,
     resolve_backend,
+    save_self_attention,
 )
 from longcat_dist.model.layers import (
     CaptionEmbedder,
@@ -197,26 +197,6 @@ def _gated_add(x: Tensor, gate: Tensor, update: Tensor, frames: int, fused: bool
     return out.view(batch, tokens, channels).to(x.dtype)
 
 
-# The aten ops torch's scaled_dot_product_attention dispatches to, by backend.
-_SDPA_OPS = tuple(
-    getattr(torch.ops.aten, name).default
-    for name in (
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    )
-    if hasattr(torch.ops.aten, name)
-)
-
-
-def _save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing: keep the outputs of the SDPA calls of self-attention (not of cross-attention)."""
-    if op in _SDPA_OPS and in_self_attention():
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
 class LongCatVideoTransformer3DModel(nn.Module):
     """The LongCat-Video DiT; `state_dict()` keys and shapes equal the official `dit/` checkpoint's."""
 
@@ -310,7 +290,7 @@ class LongCatVideoTransformer3DModel(nn.Module):
     def _checkpoint_options(self) -> dict:
         if not self.checkpoint_saves_attention:
             return {}
-        return {"context_fn": lambda: create_selective_checkpoint_contexts(_save_self_attention)}
+        return {"context_fn": lambda: create_selective_checkpoint_contexts(save_self_attention)}
 
     def _checkpointed(self, index: int) -> bool:
         return self.training and self.checkpoint_interval > 0 and index % self.checkpoint_interval == 0

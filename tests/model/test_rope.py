@@ -98,3 +98,19 @@ def test_table_is_built_on_the_cpu_whatever_the_default_device():
         table = rope_angles.__wrapped__(128, (3, 4, 5))  # uncached, so the build runs inside the context
     assert table.device.type == "cpu" and table.dtype == torch.float32
     assert torch.equal(table, rope_angles(128, (3, 4, 5)))
+
+
+def test_device_tables_made_under_inference_mode_serve_training():
+    """rope_cos_sin is cached; a first call from validation (inference_mode) must not poison training's autograd."""
+    from longcat_dist.model.rope import rope_cos_sin
+
+    rope_cos_sin.cache_clear()
+    with torch.inference_mode():
+        cos, sin = rope_cos_sin(32, (2, 2, 2), torch.device("cpu"))
+    assert not cos.is_inference() and not sin.is_inference()
+    assert rope_cos_sin(32, (2, 2, 2), torch.device("cpu"))[0] is cos  # cached
+    table = rope_angles(32, (2, 2, 2))
+    assert torch.equal(cos, table.cos()) and torch.equal(sin, table.sin())
+    x = torch.randn(1, 2, 8, 32, requires_grad=True)
+    apply_rope(x, cos, sin).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -389,8 +389,7 @@ def test_checkpoint_that_saves_attention_skips_its_recompute_and_keeps_gradients
     """gradient_checkpointing_save_attention: same gradients, one self-attention SDPA call per block less."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from longcat_dist.model.attention import in_self_attention
-    from longcat_dist.model.transformer import _SDPA_OPS
+    from longcat_dist.model.attention import _SDPA_OPS, in_self_attention
 
     class CountSdpa(TorchDispatchMode):
         def __init__(self) -> None:

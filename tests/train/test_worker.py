@@ -119,3 +119,18 @@ def test_quantized_base_trains_on_two_ray_workers(local_ray, tiny_shards, tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["loss"] < 10 for r in rows)
     lora_weights = load_file(str(tmp_path / "out" / "lora.safetensors"))
     assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in lora_weights.items())
+
+
+def test_build_model_applies_the_speed_settings_of_the_config(tmp_path):
+    """fused_elementwise (default true) and gradient_checkpointing_save_attention reach the model."""
+    from longcat_dist.model.lora_linear import FastLoraLinear
+    from longcat_dist.train.worker import build_model
+
+    default = build_model(make_config(tmp_path / "a", tmp_path / "shards"), torch.device("cpu"))
+    assert default.attention.fused_elementwise and not default.checkpoint_saves_attention
+    cfg = make_config(tmp_path / "b", tmp_path / "shards", fused_elementwise=False, gradient_checkpointing=True,
+                      gradient_checkpointing_save_attention=True)  # fmt: skip
+    model = build_model(cfg, torch.device("cpu"))
+    assert not model.attention.fused_elementwise and model.checkpoint_saves_attention
+    assert model.checkpoint_interval == 1
+    assert all(type(layer) is FastLoraLinear for layer in model.modules() if hasattr(layer, "lora_A"))
