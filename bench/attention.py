@@ -28,9 +28,9 @@ SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
     "704x24": ((24, 44, 80), 1),  # 704x1280, 93 frames
     "704x52": ((52, 44, 80), 4),  # 704x1280, 48 noise + 4 cond latent frames
 }
-# Launch candidates for --sweep: loop tiles of one or two 64-token blocks, one or two warpgroups, 2-4 stages.
+# Launch candidates for --sweep: loop tiles of one or two 64-token blocks, one or two warpgroups, 1-4 stages.
 CANDIDATES = [
-    *(bsa_triton.Launch(64, warps, stages) for warps, stages in ((4, 2), (4, 3))),
+    *(bsa_triton.Launch(64, warps, stages) for warps, stages in ((4, 1), (4, 2), (4, 3))),
     *(bsa_triton.Launch(128, warps, stages) for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))),
 ]
 

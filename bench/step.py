@@ -41,6 +41,7 @@ ROWS = {  # name: (attention backend, base precision, ZeRO stage, checkpoint int
     "sdpa-fp8": ("sdpa", "fp8", 2, 1, False),
     "bsa-bf16": ("bsa", "bf16", 2, 1, False),
     "bsa-fp8": ("bsa", "fp8", 2, 1, False),
+    "bsa-fp8-saveattn": ("bsa", "fp8", 2, 1, True),
     "bsa-fp8-ckpt2": ("bsa", "fp8", 2, 2, False),
     "bsa-bf16-zero3": ("bsa", "bf16", 3, 1, False),
 }
@@ -144,6 +145,11 @@ def step_arguments(parser: argparse.ArgumentParser, rows: str, steps: int) -> No
     parser.add_argument("--tiny", action="store_true", help="the tiny test width (CPU smoke runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
+        "--memory-cap-gib", type=float,
+        help="cap the allocator at this many GiB (79 = what an 80 GB H100 leaves after the CUDA context), so a "
+             "larger GPU answers whether a clip fits a smaller one: a clip that does not fit raises out-of-memory",
+    )  # fmt: skip
+    parser.add_argument(
         "--fused", action=argparse.BooleanOptionalAction, default=True,
         help="fused Triton kernels for the fp32 islands, as training runs them (--no-fused: the torch code)",
     )  # fmt: skip
@@ -163,6 +169,10 @@ def main() -> None:
     step_arguments(parser, DEFAULT_ROWS, steps=3)
     args, depths = parse_step_arguments(parser, None)
     init_process_group(torch.device(args.device))
+    if args.memory_cap_gib and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
+        print(f"allocator capped at {args.memory_cap_gib} GiB of {total / 2**30:.1f}")
     results = []
     print(f"latent {args.latent}, LoRA r=8, DeepSpeed, batch 1; depths {depths}; 48-block values "
           f"{'measured' if depths == [FULL_DEPTH] else 'extrapolated'}")  # fmt: skip

@@ -16,28 +16,81 @@ from longcat_dist.kernels.bsa_select import (
     BlockGrid,
     BlockSelection,
     check_inputs,
+    num_selected,
     select_blocks_on_grid,
 )
 
+# The selection and the attention are torch custom ops, so a selective-checkpoint policy can see them as single
+# ops and keep their outputs through the recompute (the Triton launches inside are invisible to torch's dispatch).
+SELECT_OP_NAME = "longcat::bsa_select"
+ATTENTION_OP_NAME = "longcat::bsa_attention"
 
-class _BlockSparseAttention(torch.autograd.Function):
-    """Thin autograd wrapper: the selection is an input (no gradient flows through it)."""
 
-    @staticmethod
-    def forward(ctx, q, k, v, grid: BlockGrid, selection: BlockSelection):
-        o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
-        ctx.save_for_backward(q, k, v, o, lse, *selection)
-        ctx.grid = grid
-        return o
+@torch.library.custom_op(SELECT_OP_NAME, mutates_args=())
+def _select_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    latent_shape: list[int],
+    num_cond_latents: int,
+    chunk_shape: list[int],
+    sparsity: float,
+    force_diagonal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """select_blocks_on_grid as one op: (indices [B, nh, M, n_sel] int32, counts [M] int32)."""
+    grid = BlockGrid(tuple(latent_shape), num_cond_latents, tuple(chunk_shape))
+    indices, counts = select_blocks_on_grid(q, k, grid, sparsity, force_diagonal)
+    return indices, counts
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, indices, counts = ctx.saved_tensors
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        selection = BlockSelection(indices, counts)
-        dq, dk, dv = bsa_triton.attention_backward(do, q, k, v, o, lse, ctx.grid, selection)
-        return dq, dk, dv, None, None
+
+@_select_op.register_fake
+def _(q, k, latent_shape, num_cond_latents, chunk_shape, sparsity, force_diagonal):
+    grid = BlockGrid(tuple(latent_shape), num_cond_latents, tuple(chunk_shape))
+    n_sel = num_selected(grid.num_blocks, sparsity)
+    indices = q.new_empty(*q.shape[:2], grid.num_blocks, n_sel, dtype=torch.int32)
+    return indices, q.new_empty(grid.num_blocks, dtype=torch.int32)
+
+
+@torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    latent_shape: list[int],
+    num_cond_latents: int,
+    chunk_shape: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward kernel as one op: (Out token-major [B, N, nh, hd], base-2 lse [B·nh, N] float32)."""
+    grid = BlockGrid(tuple(latent_shape), num_cond_latents, tuple(chunk_shape))
+    return bsa_triton.forward_token_major(q, k, v, grid, BlockSelection(indices, counts))
+
+
+@_attention_op.register_fake
+def _(q, k, v, indices, counts, latent_shape, num_cond_latents, chunk_shape):
+    B, nh, N, hd = q.shape
+    return q.new_empty(B, N, nh, hd), q.new_empty(B * nh, N, dtype=torch.float32)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, indices, counts, latent_shape, num_cond_latents, chunk_shape = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices, counts)
+    ctx.grid = BlockGrid(tuple(latent_shape), num_cond_latents, tuple(chunk_shape))
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, d_out, _d_lse):
+    q, k, v, out, lse, indices, counts = ctx.saved_tensors
+    do = d_out.transpose(1, 2)  # [B, nh, N, hd] view, like Out
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    selection = BlockSelection(indices, counts)
+    dq, dk, dv = bsa_triton.attention_backward(do, q, k, v, out.transpose(1, 2), lse, ctx.grid, selection)
+    return dq, dk, dv, None, None, None, None, None
+
+
+torch.library.register_autograd(ATTENTION_OP_NAME, _attention_backward, setup_context=_attention_setup)
 
 
 def block_sparse_attention(
@@ -80,8 +133,12 @@ def block_sparse_attention(
             f"block_sparse_attention: q is on {q.device}; the Triton kernel needs CUDA, or TRITON_INTERPRET=1 set "
             "before longcat_dist is imported (tiny CPU tests). reference_block_sparse_attention runs anywhere."
         )
-    # Contiguous inputs: the backward allocates dq/dk/dv like q/k/v and addresses them with the inputs' strides,
-    # so a strided view (v sliced out of the fused qkv projection) would send the gradient writes out of bounds.
-    q, k, v = (x.contiguous() for x in (q, k, v))
-    selection = select_blocks_on_grid(q.detach(), k.detach(), grid, sparsity, force_diagonal)
-    return _BlockSparseAttention.apply(q, k, v, grid, selection)
+    # Any strides with a contiguous head dim: the kernels address every tensor (gradients included) with its own
+    # strides, so v can stay a view of the fused qkv projection instead of being copied.
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    shape, chunk = list(grid.latent_shape), list(grid.chunk_shape)
+    indices, counts = _select_op(
+        q.detach(), k.detach(), shape, num_cond_latents, chunk, sparsity, force_diagonal
+    )
+    out, _ = _attention_op(q, k, v, indices, counts, shape, num_cond_latents, chunk)
+    return out.transpose(1, 2)  # [B, nh, N, hd] view of the token-major output

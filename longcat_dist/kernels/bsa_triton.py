@@ -128,9 +128,9 @@ def _fwd_kernel(
         k_rows, k_valid = _listed_rows(IDX, s, count, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
         k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
         v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
-        qk = tl.where(
-            k_valid[None, :], _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2, float("-inf")
-        )  # [BLOCK, GROUP·BLOCK]
+        # Padded keys get -inf through an additive bias: one FMA per score instead of a multiply and a select.
+        k_bias = tl.where(k_valid, 0.0, float("-inf"))
+        qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]  # [BLOCK, GROUP·BLOCK]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # 0 on the first step: m_i starts at -inf
@@ -149,8 +149,8 @@ def _fwd_kernel(
 @triton.jit
 def _dq_kernel(
     Q, K, V, Out, DO, DQ, LSE, DELTA, IDX, COUNTS, scale_log2, sm_scale,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_ib, s_ih, s_im,
-    nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_gb, s_gh, s_gn,
+    s_ib, s_ih, s_im, nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
     CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -180,14 +180,15 @@ def _dq_kernel(
         k_rows, k_valid = _listed_rows(IDX, s, count, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
         k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
         v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
-        qk = tl.where(k_valid[None, :], _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2, float("-inf"))
+        k_bias = tl.where(k_valid, 0.0, float("-inf"))
+        qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]
         p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, GROUP·BLOCK]
         dp = _dot(do, tl.trans(v), UPCAST_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
     dq *= sm_scale
     tl.store(
-        DQ + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :],
+        DQ + b * s_gb + h * s_gh + q_rows[:, None] * s_gn + d[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=row_mask,
     )
@@ -196,7 +197,8 @@ def _dq_kernel(
 @triton.jit
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, QLIST, QOFFSETS, scale_log2, sm_scale,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn, pairs_per_head,
+    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
+    s_gkb, s_gkh, s_gkn, s_gvb, s_gvh, s_gvn, pairs_per_head,
     nh, N, num_blocks, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
     CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
@@ -210,10 +212,9 @@ def _dkdv_kernel(
     d = tl.arange(0, HEAD_DIM)
     geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
     k_rows, k_valid = block_rows(kblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
-    k_ptrs = b * s_kb + h * s_kh + k_rows[:, None] * s_kn + d[None, :]
-    v_ptrs = b * s_vb + h * s_vh + k_rows[:, None] * s_vn + d[None, :]
-    k = tl.load(K + k_ptrs, mask=k_valid[:, None], other=0.0)
-    v = tl.load(V + v_ptrs, mask=k_valid[:, None], other=0.0)
+    rows = k_rows[:, None]
+    k = tl.load(K + b * s_kb + h * s_kh + rows * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + rows * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
     Q += b * s_qb + h * s_qh
     DO += b * s_db + h * s_dh
     LSE += bh.to(tl.int64) * N
@@ -239,8 +240,10 @@ def _dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, UPCAST_DOT)
     dk *= sm_scale
-    tl.store(DK + k_ptrs, dk.to(DK.dtype.element_ty), mask=k_valid[:, None])
-    tl.store(DV + v_ptrs, dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
+    dk_ptrs = DK + b * s_gkb + h * s_gkh + rows * s_gkn + d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=k_valid[:, None])
+    dv_ptrs = DV + b * s_gvb + h * s_gvh + rows * s_gvn + d[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=k_valid[:, None])
 
 
 def geometry_args(grid: BlockGrid) -> tuple[int, ...]:
@@ -275,9 +278,22 @@ def interpreted() -> bool:
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: BlockGrid, selection: BlockSelection
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel; returns Out [B, nh, N, hd] and the base-2 lse [B·nh, N] float32."""
+    """Launch the forward kernel; returns Out [B, nh, N, hd] (a view of token-major storage, see
+    forward_token_major) and the base-2 lse [B·nh, N] float32."""
+    out, lse = forward_token_major(q, k, v, grid, selection)
+    return out.transpose(1, 2), lse
+
+
+def forward_token_major(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: BlockGrid, selection: BlockSelection
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel; returns Out token-major [B, N, nh, hd] and the base-2 lse [B·nh, N] float32.
+
+    Token-major, so the model's merge of the heads before the output projection is a view, not a strided copy.
+    """
     B, nh, N, hd = q.shape
-    o = torch.empty_like(q)
+    out = torch.empty(B, N, nh, hd, device=q.device, dtype=q.dtype)
+    o = out.transpose(1, 2)  # [B, nh, N, hd] view the kernel writes through
     lse = torch.empty(B * nh, N, device=q.device, dtype=torch.float32)
     idx = selection.indices
     scale_log2 = _LOG2E / math.sqrt(hd)
@@ -286,7 +302,7 @@ def attention_forward(
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
         nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, FWD_LAUNCH[hd]),
     )  # fmt: skip
-    return o, lse
+    return out, lse
 
 
 def attention_backward(
@@ -318,13 +334,15 @@ def backward_dq(
     """Launch the dQ kernel; returns dQ and the row terms Δ [B·nh, N] float32."""
     B, nh, N, hd = q.shape
     sm_scale = 1.0 / math.sqrt(hd)
-    dq = torch.empty_like(q)
+    dq = torch.empty_like(
+        q
+    )  # q's strides where q is dense, else contiguous: the kernel takes dq's own strides
     delta = torch.empty_like(lse)  # [B·nh, N]
     idx = selection.indices
     _dq_kernel[(grid.num_blocks, B * nh)](
         q, k, v, o, do, dq, lse, delta, idx, selection.counts, sm_scale * _LOG2E, sm_scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *idx.stride()[:3],
-        nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, DQ_LAUNCH[hd]),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        *idx.stride()[:3], nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, DQ_LAUNCH[hd]),
     )  # fmt: skip
     return dq, delta
 
@@ -346,7 +364,8 @@ def backward_dkdv(
     q_list, q_offsets = transposed
     _dkdv_kernel[(grid.num_blocks, B * nh)](
         q, k, v, do, dk, dv, lse, delta, q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], q_list.shape[-1],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+        q_list.shape[-1],
         nh, N, grid.num_blocks, *geometry_args(grid), **_launch_kwargs(grid, hd, DKDV_LAUNCH[hd]),
     )  # fmt: skip
     return dk, dv

@@ -116,11 +116,30 @@ _SDPA_OPS = tuple(
 )
 
 
-def save_self_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing: keep the outputs of the SDPA calls of self-attention (not of cross-attention)."""
-    if op in _SDPA_OPS and in_self_attention():
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+# The block-sparse path's torch custom ops (longcat_dist.kernels.bsa registers them; named here so that this
+# module does not import Triton).
+BSA_SELECT_OP = "longcat::bsa_select"
+BSA_ATTENTION_OP = "longcat::bsa_attention"
+
+
+def checkpoint_policy(save_attention: bool):
+    """The selective-checkpoint policy of a block: what its recompute takes from the first forward.
+
+    Always the block-sparse selection (two small int32 tensors, ~4 MB per block at 93x480x832: its pooling and
+    top-k are not run again). With save_attention also self-attention's outputs (the BSA op, or the SDPA calls
+    of self-attention but not of cross-attention): one [N, C] activation per block more, no attention forward in
+    the recompute.
+    """
+
+    def policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+        name = op.name() if hasattr(op, "name") else ""
+        if name == BSA_SELECT_OP:
+            return CheckpointPolicy.MUST_SAVE
+        if save_attention and (name == BSA_ATTENTION_OP or (op in _SDPA_OPS and in_self_attention())):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
 def self_attention(

@@ -22,8 +22,8 @@ from longcat_dist.model.attention import (
     BSAParams,
     CrossAttention,
     SelfAttention,
+    checkpoint_policy,
     resolve_backend,
-    save_self_attention,
 )
 from longcat_dist.model.layers import (
     CaptionEmbedder,
@@ -237,9 +237,10 @@ class LongCatVideoTransformer3DModel(nn.Module):
     def enable_gradient_checkpointing(self, interval: int = 1, save_attention: bool = False) -> None:
         """Recompute every `interval`-th block in the backward pass (0 turns checkpointing off).
 
-        save_attention: keep the dense self-attention's output and log-sum-exp (torch SDPA) through the
-        checkpoint instead of recomputing them: one [N, C] activation per block more memory (0.29 GiB at
-        93x480x832), one attention forward less per block (~40 ms of dense attention at that size).
+        save_attention: keep self-attention's output and log-sum-exp (torch SDPA or the block-sparse kernel)
+        through the checkpoint instead of recomputing them: one [N, C] activation per block more memory (0.29 GiB
+        at 93x480x832), one attention forward less per block (~40 ms dense, ~7 ms block-sparse at that size).
+        The block-sparse selection is always kept (see checkpoint_policy).
         """
         if interval < 0:
             raise ValueError(f"gradient_checkpointing_interval={interval} must be >= 0")
@@ -288,9 +289,8 @@ class LongCatVideoTransformer3DModel(nn.Module):
         return (out, recorded) if return_kv else out
 
     def _checkpoint_options(self) -> dict:
-        if not self.checkpoint_saves_attention:
-            return {}
-        return {"context_fn": lambda: create_selective_checkpoint_contexts(save_self_attention)}
+        policy = checkpoint_policy(self.checkpoint_saves_attention)
+        return {"context_fn": lambda: create_selective_checkpoint_contexts(policy)}
 
     def _checkpointed(self, index: int) -> bool:
         return self.training and self.checkpoint_interval > 0 and index % self.checkpoint_interval == 0

@@ -72,3 +72,45 @@ def test_bsa_gradients_through_the_model_match_dense_attention():
         grads[backend] = model.blocks[0].attn.qkv.weight.grad.float().clone()
     err = (grads["bsa"] - grads["sdpa"]).norm() / grads["sdpa"].norm()
     assert err < 5e-2, f"relative gradient error {err:.3e}"
+
+
+def test_checkpoint_keeps_the_bsa_selection_and_with_save_attention_its_output():
+    """Under activation checkpointing the recompute takes the block selection from the first forward (and with
+    save_attention the attention op's output too): the ops run fewer times, the gradients stay the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longcat_dist.model.attention import BSA_ATTENTION_OP, BSA_SELECT_OP
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = {BSA_SELECT_OP: 0, BSA_ATTENTION_OP: 0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name() in self.calls:
+                self.calls[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    model, (latents, timesteps, text) = _model_and_inputs()
+    model.train().set_attention_backend("bsa", BSAParams(sparsity=0.5, chunk_shape=(1, 4, 4)))
+
+    def run(interval: int, save: bool):
+        model.enable_gradient_checkpointing(interval, save_attention=save)
+        model.zero_grad()
+        with CountOps() as counter:
+            model(latents, timesteps, text, num_cond_latents=1).float().square().mean().backward()
+        return counter.calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_calls, plain = run(0, False)
+    kept_calls, kept = run(1, False)
+    saved_calls, saved = run(1, True)
+    depth = model.config.depth
+    assert plain_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: depth}
+    # The counter sits outside the checkpoint's own dispatch mode, so it sees the recompute's calls only where
+    # they run: the selection is served from the first forward, the attention runs again unless saved.
+    assert kept_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: 2 * depth}
+    assert saved_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: depth}
+    assert plain.keys() == kept.keys() == saved.keys() and plain
+    for name, grad in plain.items():
+        assert torch.equal(kept[name], grad), name
+        assert torch.equal(saved[name], grad), name
