@@ -28,10 +28,11 @@ SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
     "704x24": ((24, 44, 80), 1),  # 704x1280, 93 frames
     "704x52": ((52, 44, 80), 4),  # 704x1280, 48 noise + 4 cond latent frames
 }
-# Launch candidates for --sweep: loop tiles of one or two 64-token blocks, one or two warpgroups, 1-4 stages.
+# Launch candidates for --sweep: loop tiles of one 64-token block, 1-3 stages, with the register cap that would let
+# a third program share an SM (ncu: two programs of 4 warps per SM, limited by registers and shared memory). Tiles
+# of two blocks and two warpgroups were slower everywhere (docs/perf_attention.md) and are no longer swept.
 CANDIDATES = [
-    *(bsa_triton.Launch(64, warps, stages) for warps, stages in ((4, 1), (4, 2), (4, 3))),
-    *(bsa_triton.Launch(128, warps, stages) for warps, stages in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3))),
+    bsa_triton.Launch(64, 4, stages, registers) for stages in (1, 2, 3) for registers in (None, 168, 128)
 ]
 
 
@@ -110,17 +111,34 @@ def select_breakdown(q, k, grid) -> dict[str, float]:
     )
 
 
-def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
+def kernels_once(name: str) -> None:
+    """One launch of each kernel at the shape, nothing timed: for a profiler (ncu --kernel-name ...)."""
+    q, k, v, do, grid = _inputs(name, "random")
+    selection = select_blocks_on_grid(q, k, grid, SPARSITY, False)
+    o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
+    _, delta = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
+    bsa_triton.backward_dkdv(
+        do, q, k, v, lse, delta, grid, bsa_triton.transpose_selection(selection, grid.num_blocks)
+    )
+    torch.cuda.synchronize()
+
+
+def _inputs(name: str, data: str):
     latent_shape, n_cond = SHAPES[name]
-    num_tokens = math.prod(latent_shape)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, HEADS, num_tokens, HEAD_DIM)
+    shape = (1, HEADS, math.prod(latent_shape), HEAD_DIM)
     q, k, v, do = (torch.randn(shape, device="cuda", generator=gen) for _ in range(4))
     if data == "smooth":
         field = smooth_field(latent_shape, gen)
         q, k = q * 0.5 + field, k * 0.5 + field
     q, k, v, do = (x.to(torch.bfloat16) for x in (q, k, v, do))
-    grid = BlockGrid(latent_shape, n_cond, (4, 4, 4))
+    return q, k, v, do, BlockGrid(latent_shape, n_cond, (4, 4, 4))
+
+
+def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
+    latent_shape, n_cond = SHAPES[name]
+    num_tokens = math.prod(latent_shape)
+    q, k, v, do, grid = _inputs(name, data)
     selection = select_blocks_on_grid(q, k, grid, SPARSITY, False)
     pairs = HEADS * selection.counts.sum().item()  # computed (q-block, k-block) tiles
     bsa_fwd_flops = 4.0 * pairs * grid.block_size**2 * HEAD_DIM
@@ -212,7 +230,14 @@ def main() -> None:
         help="comma list of q/k statistics: random, smooth (baselines on the first)",
     )
     parser.add_argument("--out", type=Path, help="folder for results.json")
+    parser.add_argument(
+        "--kernels-once",
+        action="store_true",
+        help="launch each kernel once at the first shape (for ncu), no timing",
+    )
     args = parser.parse_args()
+    if args.kernels_once:
+        return kernels_once(args.shapes.split(",")[0])
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", bsa_triton.triton.__version__)
     rows = []
     for j, data in enumerate(args.data.split(",")):

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,20 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+# The CUDA caching allocator's setting for training workers unless the job sets its own: expandable segments let
+# freed blocks of different sizes merge, where fixed segments left 16 GiB reserved but unusable (fragmented) in an
+# out-of-memory of a 253-frame 480x832 step under a 79 GiB cap (docs/PERFORMANCE.md).
+DEFAULT_CUDA_ALLOC_CONF = "expandable_segments:True"
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment variables the training workers start with (read before torch/DeepSpeed initialise)."""
+    if not use_gpu:
+        # DeepSpeed picks its accelerator from the environment; CPU workers need it set before it is imported.
+        return {"DS_ACCELERATOR": "cpu"}
+    return {"PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", DEFAULT_CUDA_ALLOC_CONF)}
+
+
 def build_trainer(cfg: TrainConfig, *, test_knobs: dict | None = None):
     """The TorchTrainer of one run: scaling, run and failure config from the TrainConfig."""
     import ray.train
@@ -56,8 +71,7 @@ def build_trainer(cfg: TrainConfig, *, test_knobs: dict | None = None):
     from longcat_dist.train.worker import train_loop_per_worker
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {})}
-    # DeepSpeed picks its accelerator from the environment; CPU workers need it set before it is imported.
-    env = {} if cfg.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    env = worker_env(cfg.use_gpu)
     resume = None
     if cfg.resume_from_checkpoint not in (None, "latest"):
         resume = ray.train.Checkpoint(str(cfg.resume_from_checkpoint))

@@ -76,3 +76,13 @@ def test_a_nonfinite_streak_ends_the_command_with_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: training stopped:" in proc.stderr and "max_nonfinite_steps_in_row = 2" in proc.stderr
     assert "training finished" not in proc.stdout
+
+
+def test_gpu_workers_get_expandable_segments_unless_the_job_sets_its_own(monkeypatch):
+    from launch.train import DEFAULT_CUDA_ALLOC_CONF, worker_env
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert worker_env(True) == {"PYTORCH_CUDA_ALLOC_CONF": DEFAULT_CUDA_ALLOC_CONF}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert worker_env(True) == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert worker_env(False) == {"DS_ACCELERATOR": "cpu"}
