@@ -28,9 +28,9 @@ SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
     "704x24": ((24, 44, 80), 1),  # 704x1280, 93 frames
     "704x52": ((52, 44, 80), 4),  # 704x1280, 48 noise + 4 cond latent frames
 }
-# Launch candidates for --sweep: loop tiles of one 64-token block, 1-3 stages, with the register cap that would let
-# a third program share an SM (ncu: two programs of 4 warps per SM, limited by registers and shared memory). Tiles
-# of two blocks and two warpgroups were slower everywhere (docs/perf_attention.md) and are no longer swept.
+# Launch candidates for --sweep: loop tiles of one 64-token block, 1-3 stages, optionally a cap on registers (ncu:
+# two programs of 4 warps per SM, limited by registers and shared memory). Tiles of two blocks, two warpgroups and
+# software-pipelined loops were slower everywhere (docs/perf_attention.md) and are no longer swept.
 CANDIDATES = [
     bsa_triton.Launch(64, 4, stages, registers) for stages in (1, 2, 3) for registers in (None, 168, 128)
 ]

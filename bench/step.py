@@ -149,6 +149,10 @@ def step_arguments(parser: argparse.ArgumentParser, rows: str, steps: int) -> No
     parser.add_argument("--tiny", action="store_true", help="the tiny test width (CPU smoke runs)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(
+        "--bsa-launch", type=Path,
+        help="results.json of bench/attention.py --sweep: run the BSA kernels with the launches it picked",
+    )  # fmt: skip
+    parser.add_argument(
         "--memory-cap-gib", type=float,
         help="cap the allocator at this many GiB (79 = what an 80 GB H100 leaves after the CUDA context), so a "
              "larger GPU answers whether a clip fits a smaller one: a clip that does not fit raises out-of-memory",
@@ -168,11 +172,23 @@ def parse_step_arguments(
     return args, [int(d) for d in args.depths.split(",")]
 
 
+def apply_bsa_launch(results: Path) -> None:
+    """Set the BSA kernels' launch tables (head dim 128) to the ones a bench/attention.py run used."""
+    from longcat_dist.kernels import bsa_triton
+
+    launches = json.loads(results.read_text())[0]["launch"]
+    for table, values in launches.items():
+        getattr(bsa_triton, table)[128] = bsa_triton.Launch(*values)
+    print(f"BSA launches from {results}: {launches}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     step_arguments(parser, DEFAULT_ROWS, steps=3)
     args, depths = parse_step_arguments(parser, None)
     init_process_group(torch.device(args.device))
+    if args.bsa_launch:
+        apply_bsa_launch(args.bsa_launch)
     if args.memory_cap_gib and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
