@@ -28,20 +28,11 @@ SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
     "704x24": ((24, 44, 80), 1),  # 704x1280, 93 frames
     "704x52": ((52, 44, 80), 4),  # 704x1280, 48 noise + 4 cond latent frames
 }
-# Launch candidates for --sweep, per kernel: loop tiles of one 64-token block, 1-3 stages, optionally a cap on
-# registers (ncu: two programs of 4 warps per SM, limited by registers and shared memory) and, for dK/dV, K and V
-# read again every step (the held version spills). Tiles of two blocks, two warpgroups and software-pipelined
-# loops were slower everywhere (docs/perf_attention.md) and are no longer swept.
-_PLAIN = [bsa_triton.Launch(64, 4, stages, registers) for stages, registers in ((2, None), (3, None), (2, 168))]
-CANDIDATES = {
-    "FWD_LAUNCH": _PLAIN,
-    "DQ_LAUNCH": _PLAIN,
-    "DKDV_LAUNCH": [
-        *_PLAIN[:2],
-        *(bsa_triton.Launch(64, 4, stages, None, reload=True) for stages in (1, 2, 3)),
-        bsa_triton.Launch(64, 4, 2, 168, reload=True),
-    ],
-}
+# Launch candidates for --sweep: loop tiles of one 64-token block, 2-3 stages, optionally a cap on registers (ncu:
+# two programs of 4 warps per SM, limited by registers and shared memory). Tiles of two blocks, two warpgroups,
+# software-pipelined loops, one stage, a 128-register cap and (dK/dV) K and V read every step instead of held were
+# slower or no faster (docs/perf_attention.md) and are no longer swept.
+CANDIDATES = [bsa_triton.Launch(64, 4, stages, registers) for stages, registers in ((2, None), (3, None), (2, 168))]
 
 
 def time_ms(fn, budget_ms: float = 1500.0) -> float:
@@ -81,7 +72,7 @@ def sweep(q, k, v, grid, selection, do) -> dict[str, dict]:
     for table, run in runs.items():
         want = run()
         timings, report[table] = {}, {}
-        for cand in CANDIDATES[table]:
+        for cand in CANDIDATES:
             getattr(bsa_triton, table)[HEAD_DIM] = cand
             try:
                 err = _rel_err(run(), want)

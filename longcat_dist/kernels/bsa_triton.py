@@ -27,7 +27,6 @@ class Launch(NamedTuple):
     num_warps: int
     num_stages: int
     max_registers: int | None = None
-    reload: bool = False  # dK/dV: read the k-block's K and V again every step instead of holding them
 
 
 # Per head dim, measured with bf16 at the training shape (bench/attention.py --sweep; see docs/perf_attention.md):
@@ -205,7 +204,7 @@ def _dkdv_kernel(
     s_gkb, s_gkh, s_gkn, s_gvb, s_gvh, s_gvn, pairs_per_head,
     nh, N, num_blocks, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, RELOAD: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one k-block over the q-blocks that selected it (the transposed selection), GROUP at a time."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
@@ -217,11 +216,8 @@ def _dkdv_kernel(
     geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
     k_rows, k_valid = block_rows(kblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     rows = k_rows[:, None]
-    K += b * s_kb + h * s_kh
-    V += b * s_vb + h * s_vh
-    if not RELOAD:
-        k_held = tl.load(K + rows * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
-        v_held = tl.load(V + rows * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + rows * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + rows * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
     Q += b * s_qb + h * s_qh
     DO += b * s_db + h * s_dh
     LSE += bh.to(tl.int64) * N
@@ -239,13 +235,6 @@ def _dkdv_kernel(
         # Padded k rows are never stored, so they need no mask here.
         lse = tl.load(LSE + q_rows, mask=q_valid, other=float("inf"))
         delta = tl.load(DELTA + q_rows, mask=q_valid, other=0.0)
-        if RELOAD:
-            # Loaded in the loop, K and V are staged in shared memory with the other operands rather than held in
-            # registers next to the two fp32 accumulators (ncu: the held version spills); cache hits.
-            k = tl.load(K + rows * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
-            v = tl.load(V + rows * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
-        else:
-            k, v = k_held, v_held
         p_t = tl.math.exp2(
             _dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :]
         )  # [BLOCK, GROUP·BLOCK]
@@ -382,8 +371,7 @@ def backward_dkdv(
         q, k, v, do, dk, dv, lse, delta, q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         q_list.shape[-1],
-        nh, N, grid.num_blocks, *geometry_args(grid), RELOAD=DKDV_LAUNCH[hd].reload,
-        **_launch_kwargs(grid, hd, DKDV_LAUNCH[hd]),
+        nh, N, grid.num_blocks, *geometry_args(grid), **_launch_kwargs(grid, hd, DKDV_LAUNCH[hd]),
     )  # fmt: skip
     return dk, dv
 
