@@ -16,8 +16,10 @@ for part in $parts; do
              timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_bsa.py; } > "$out/tests.txt" 2>&1 ;;
     attention) timeout 150 python3 bench/attention.py --shapes train,704x24 --out "$out" > "$out/attention.txt" 2>&1 ;;
     linear) timeout 120 python3 bench/linear.py --parts --json "$out/linear.json" > "$out/linear.txt" 2>&1 ;;
-    step) timeout 300 python3 bench/step.py --json "$out/step.json" \
-            --rows sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8,bsa-fp8-ckpt2,bsa-bf16-zero3 > "$out/step.txt" 2>&1 ;;
+    step) { timeout 300 python3 bench/step.py --json "$out/step.json" \
+              --rows sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8,bsa-fp8-ckpt2,bsa-bf16-zero3
+            timeout 200 python3 bench/step.py --json "$out/step48.json" --rows bsa-fp8,bsa-fp8-saveattn --depths 48 \
+              --steps 3 --warmup 1; } > "$out/step.txt" 2>&1 ;;
     vae) timeout 120 python3 bench/vae.py --frames 93 --height 480 --width 832 --repeats 3 > "$out/vae.txt" 2>&1 ;;
     sampler) timeout 180 python3 bench/sampler.py > "$out/sampler.txt" 2>&1 ;;
     fused) { timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fused_block.py
@@ -26,11 +28,11 @@ for part in $parts; do
                  --json "$out/profile.json"
                timeout 150 python3 bench/profile_step.py --rows bsa-fp8 --fused --png "$out/step_breakdown_fused.png" \
                  --json "$out/profile_fused.json"; } > "$out/profile.txt" 2>&1 ;;
-    # 720x1280x93 (latent 24x90x160), then 480x832 at 125, 157 and 189 frames (latent T 32, 40, 48): the 48-block
-    # memory extrapolated from depths 2 and 4 says the largest clip that fits in the GPU.
-    sizes) for latent in 24,90,160 32,60,104 40,60,104 48,60,104; do
-             timeout 150 python3 bench/step.py --rows bsa-fp8 --latent $latent --steps 2 --warmup 1 \
-               --json "$out/size_${latent//,/x}.json"
+    # The largest clips, measured at full depth under a 79 GiB allocator cap (what an 80 GB H100 leaves): 720x1280x93
+    # (latent 24x90x160), then 480x832 at 253, 261 and 269 frames (latent T 64, 66, 68; 269 runs out of memory).
+    sizes) for latent in 24,90,160 64,60,104 66,60,104 68,60,104; do
+             timeout 150 python3 bench/step.py --rows bsa-fp8 --latent $latent --depths 48 --steps 1 --warmup 1 \
+               --memory-cap-gib 79 --json "$out/size_${latent//,/x}.json"
            done > "$out/sizes.txt" 2>&1 ;;
     # Several GPUs of one host (nvidia-h200-x2/x4/x8): Ray Train + DeepSpeed over NCCL, 1..N workers. Not in the
     # default parts: pass `scaling` explicitly on a multi-GPU kind.
