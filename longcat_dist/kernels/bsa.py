@@ -19,14 +19,14 @@ from longcat_dist.kernels.bsa_select import (
     num_selected,
     select_blocks_on_grid,
 )
+from longcat_dist.model.attention import BSA_ATTENTION_OP, BSA_SELECT_OP
 
 # The selection and the attention are torch custom ops, so a selective-checkpoint policy can see them as single
 # ops and keep their outputs through the recompute (the Triton launches inside are invisible to torch's dispatch).
-SELECT_OP_NAME = "longcat::bsa_select"
-ATTENTION_OP_NAME = "longcat::bsa_attention"
+# Their names live with that policy (model.attention), which must not import Triton.
 
 
-@torch.library.custom_op(SELECT_OP_NAME, mutates_args=())
+@torch.library.custom_op(BSA_SELECT_OP, mutates_args=())
 def _select_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -50,7 +50,7 @@ def _(q, k, latent_shape, num_cond_latents, chunk_shape, sparsity, force_diagona
     return indices, q.new_empty(grid.num_blocks, dtype=torch.int32)
 
 
-@torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=())
+@torch.library.custom_op(BSA_ATTENTION_OP, mutates_args=())
 def _attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,7 +90,7 @@ def _attention_backward(ctx, d_out, _d_lse):
     return dq, dk, dv, None, None, None, None, None
 
 
-torch.library.register_autograd(ATTENTION_OP_NAME, _attention_backward, setup_context=_attention_setup)
+torch.library.register_autograd(BSA_ATTENTION_OP, _attention_backward, setup_context=_attention_setup)
 
 
 def block_sparse_attention(

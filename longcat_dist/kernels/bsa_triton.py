@@ -339,9 +339,8 @@ def backward_dq(
     """Launch the dQ kernel; returns dQ and the row terms Δ [B·nh, N] float32."""
     B, nh, N, hd = q.shape
     sm_scale = 1.0 / math.sqrt(hd)
-    dq = torch.empty_like(
-        q
-    )  # q's strides where q is dense, else contiguous: the kernel takes dq's own strides
+    # q's strides where q is dense, else contiguous: the kernel addresses dq by its own strides.
+    dq = torch.empty_like(q)
     delta = torch.empty_like(lse)  # [B·nh, N]
     idx = selection.indices
     _dq_kernel[(grid.num_blocks, B * nh)](

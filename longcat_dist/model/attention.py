@@ -116,8 +116,8 @@ _SDPA_OPS = tuple(
 )
 
 
-# The block-sparse path's torch custom ops (longcat_dist.kernels.bsa registers them; named here so that this
-# module does not import Triton).
+# The block-sparse path's torch custom ops, registered under these names by longcat_dist.kernels.bsa (named here,
+# where the checkpoint policy reads them, so that this module does not import Triton).
 BSA_SELECT_OP = "longcat::bsa_select"
 BSA_ATTENTION_OP = "longcat::bsa_attention"
 
