@@ -3,6 +3,9 @@
 Semantics beyond the official kernel: any (T, Hp, Wp) grid (partial edge blocks are masked in the kernel), the
 cond/noise split of spec §2.10 in one launch (cond frames chunked on their own, see bsa_select), and at least one
 key block per query block, so no query ever gets the official kernel's silent zeros.
+
+The selection, the forward and the backward are torch custom ops with fake implementations: activation
+checkpointing can keep their outputs, and torch.compile traces them as single nodes (fullgraph; tested).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from longcat_dist.kernels.bsa_select import (
     num_selected,
     select_blocks_on_grid,
 )
-from longcat_dist.model.attention import BSA_ATTENTION_OP, BSA_SELECT_OP
+from longcat_dist.model.attention import BSA_ATTENTION_BACKWARD_OP, BSA_ATTENTION_OP, BSA_SELECT_OP
 
 # The selection and the attention are torch custom ops, so a selective-checkpoint policy can see them as single
 # ops and keep their outputs through the recompute (the Triton launches inside are invisible to torch's dispatch).
@@ -76,17 +79,41 @@ def _attention_setup(ctx, inputs, output):
     q, k, v, indices, counts, latent_shape, num_cond_latents, chunk_shape = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, indices, counts)
-    ctx.grid = BlockGrid(tuple(latent_shape), num_cond_latents, tuple(chunk_shape))
+    ctx.geometry = (latent_shape, num_cond_latents, chunk_shape)
     ctx.mark_non_differentiable(lse)
 
 
-def _attention_backward(ctx, d_out, _d_lse):
-    q, k, v, out, lse, indices, counts = ctx.saved_tensors
+@torch.library.custom_op(BSA_ATTENTION_BACKWARD_OP, mutates_args=())
+def _attention_backward_op(
+    d_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    indices: torch.Tensor,
+    counts: torch.Tensor,
+    latent_shape: list[int],
+    num_cond_latents: int,
+    chunk_shape: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dQ and dK/dV kernels as one op (so that traced graphs, torch.compile's included, see one node)."""
+    grid = BlockGrid(tuple(latent_shape), num_cond_latents, tuple(chunk_shape))
     do = d_out.transpose(1, 2)  # [B, nh, N, hd] view, like Out
     if do.stride(-1) != 1:
         do = do.contiguous()
     selection = BlockSelection(indices, counts)
-    dq, dk, dv = bsa_triton.attention_backward(do, q, k, v, out.transpose(1, 2), lse, ctx.grid, selection)
+    return bsa_triton.attention_backward(do, q, k, v, out.transpose(1, 2), lse, grid, selection)
+
+
+@_attention_backward_op.register_fake
+def _(d_out, q, k, v, out, lse, indices, counts, latent_shape, num_cond_latents, chunk_shape):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # as the kernels allocate them
+
+
+def _attention_backward(ctx, d_out, _d_lse):
+    q, k, v, out, lse, indices, counts = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(d_out, q, k, v, out, lse, indices, counts, *ctx.geometry)
     return dq, dk, dv, None, None, None, None, None
 
 

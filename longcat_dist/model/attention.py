@@ -120,6 +120,7 @@ _SDPA_OPS = tuple(
 # where the checkpoint policy reads them, so that this module does not import Triton).
 BSA_SELECT_OP = "longcat::bsa_select"
 BSA_ATTENTION_OP = "longcat::bsa_attention"
+BSA_ATTENTION_BACKWARD_OP = "longcat::bsa_attention_backward"
 
 
 def checkpoint_policy(save_attention: bool):

@@ -112,3 +112,38 @@ def test_bad_tensors_name_the_problem():
     q48, k48, v48 = random_qkv(1, 1, 64, 48, BF16, DEVICE)
     with pytest.raises(ValueError, match="head_dim=48"):
         block_sparse_attention(q48, k48, v48, latent_shape=(4, 4, 4))
+
+
+def test_custom_ops_pass_torch_opcheck():
+    """Schema, fake (meta) implementations, autograd registration and traced dispatch of the three BSA ops."""
+    from longcat_dist.kernels import bsa
+
+    q, k, v = random_qkv(1, 2, 4 * 8 * 8, 32, BF16, DEVICE, seed=7)
+    geometry = ([4, 8, 8], 1, [4, 4, 4])
+    select_args = (q.detach(), k.detach(), geometry[0], 1, geometry[2], 0.5, False)
+    indices, counts = bsa._select_op(*select_args)
+    out, lse = bsa._attention_op(q, k, v, indices, counts, *geometry)
+    backward_args = (torch.randn_like(out), *(x.detach() for x in (q, k, v, out)), lse, indices, counts)
+    for op, args in (
+        (bsa._select_op, select_args),
+        (bsa._attention_op, (q, k, v, indices, counts, *geometry)),
+        (bsa._attention_backward_op, (*backward_args, *geometry)),
+    ):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def test_compiles_as_one_graph_with_the_same_results():
+    """torch.compile(fullgraph=True) traces through the ops (no graph break) and reproduces eager bit for bit."""
+    q, k, v = random_qkv(1, 2, 4 * 8 * 8, 32, BF16, DEVICE, seed=8)
+
+    def attention(q, k, v):
+        return block_sparse_attention(q, k, v, latent_shape=(4, 8, 8), num_cond_latents=1, sparsity=0.5)
+
+    eager = attention(q, k, v)
+    eager_grads = torch.autograd.grad(eager.float().square().sum(), (q, k, v))
+    compiled = torch.compile(attention, backend="aot_eager", fullgraph=True)(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled.float().square().sum(), (q, k, v))
+    assert torch.equal(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads):
+        assert torch.equal(got, want)
