@@ -22,11 +22,13 @@ from longcat_dist.kernels.bsa_select import (
     num_selected,
     select_blocks_on_grid,
 )
-from longcat_dist.model.attention import BSA_ATTENTION_BACKWARD_OP, BSA_ATTENTION_OP, BSA_SELECT_OP
+from longcat_dist.model.attention import BSA_ATTENTION_OP, BSA_SELECT_OP
 
 # The selection and the attention are torch custom ops, so a selective-checkpoint policy can see them as single
 # ops and keep their outputs through the recompute (the Triton launches inside are invisible to torch's dispatch).
-# Their names live with that policy (model.attention), which must not import Triton.
+# Their names live with that policy (model.attention), which must not import Triton; the backward's, which no
+# policy reads, lives here.
+BSA_ATTENTION_BACKWARD_OP = "longcat::bsa_attention_backward"
 
 
 @torch.library.custom_op(BSA_SELECT_OP, mutates_args=())

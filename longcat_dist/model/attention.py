@@ -116,11 +116,10 @@ _SDPA_OPS = tuple(
 )
 
 
-# The block-sparse path's torch custom ops, registered under these names by longcat_dist.kernels.bsa (named here,
-# where the checkpoint policy reads them, so that this module does not import Triton).
+# The block-sparse path's torch custom ops that the checkpoint policy reads, registered under these names by
+# longcat_dist.kernels.bsa (named here so that this module does not import Triton).
 BSA_SELECT_OP = "longcat::bsa_select"
 BSA_ATTENTION_OP = "longcat::bsa_attention"
-BSA_ATTENTION_BACKWARD_OP = "longcat::bsa_attention_backward"
 
 
 def checkpoint_policy(save_attention: bool):
