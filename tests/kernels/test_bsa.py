@@ -76,13 +76,21 @@ def test_strided_inputs_from_a_packed_qkv_projection():
     batch, heads, head_dim, latent_shape = 1, 2, 32, (3, 6, 5)
     num_tokens = 90
     qkv = torch.randn(batch, num_tokens, 3, heads, head_dim, generator=torch.Generator().manual_seed(5))
-    qkv = qkv.to(DEVICE, BF16)
+    qkv = qkv.to(DEVICE, BF16).requires_grad_()
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, nh, N, hd], strided
     assert not q.is_contiguous()
     kw = dict(latent_shape=latent_shape, num_cond_latents=1, sparsity=0.5)
     got = block_sparse_attention(q, k, v, **kw)
-    want = reference_block_sparse_attention(q.float(), k.float(), v.float(), **kw)
+    qkv32 = qkv.detach().float().requires_grad_()
+    want = reference_block_sparse_attention(*qkv32.permute(2, 0, 3, 1, 4).unbind(0), **kw)
     assert relative_error(got, want) < 2e-2
+    # Token-major output: merging the heads for the output projection is a view, not a copy.
+    assert got.transpose(1, 2).is_contiguous()
+    # Gradients reach the packed projection through the views (the kernels write them by their own strides).
+    d_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, BF16)
+    (grad,) = torch.autograd.grad(got, qkv, d_out)
+    (want_grad,) = torch.autograd.grad(want, qkv32, d_out.float())
+    assert relative_error(grad, want_grad) < 2e-2
 
 
 @pytest.mark.parametrize(
