@@ -267,20 +267,25 @@ def _dq_bm_kernel(
     )
 
 
-def _descriptor(x2d, block):
+def _looped_operands(a_bm, b_bm, grid, mode):
+    """The two block-major operands a kernel loops over as 2-D [rows, hd] tensors, and what its MODE reads
+    them through: TMA descriptors of one block (MODE 1) or the tensors themselves."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(x2d, [block, x2d.shape[-1]])
+    a2, b2 = a_bm.view(-1, a_bm.shape[-1]), b_bm.view(-1, b_bm.shape[-1])
+    if mode != 1:
+        return a2, b2, a2, b2
+    block = [grid.block_size, a2.shape[-1]]
+    return a2, b2, TensorDescriptor.from_tensor(a2, block), TensorDescriptor.from_tensor(b2, block)
 
 
-def forward_bm(q, k_bm, v_bm, kbias, grid, selection, mode, ws, stages, warps, k=None, v=None, rows=None):
+def forward_bm(q, k_bm, v_bm, kbias, grid, selection, mode, ws, stages, warps, k, v, rows):
     B, nh, N, hd = q.shape
     out = torch.empty(B, N, nh, hd, device=q.device, dtype=q.dtype)
     o = out.transpose(1, 2)
     lse = torch.empty(B * nh, N, device=q.device, dtype=torch.float32)
     idx = selection.indices
-    k2, v2 = k_bm.view(-1, hd), v_bm.view(-1, hd)
-    kd, vd = (_descriptor(k2, grid.block_size), _descriptor(v2, grid.block_size)) if mode == 1 else (k2, v2)
+    k2, v2, kd, vd = _looped_operands(k_bm, v_bm, grid, mode)
     ct, ch, cw = grid.chunk_shape
     _fwd_bm_kernel[(grid.num_blocks, B * nh)](
         q, k2, v2, kd, vd, k, v, rows, kbias, o, lse, idx, selection.counts, bsa_triton._LOG2E / math.sqrt(hd),
@@ -312,10 +317,7 @@ def dkdv_bm(
 ):
     B, nh, N, hd = k.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    q2, do2 = q_bm.view(-1, hd), do_bm.view(-1, hd)
-    qd, dod = (
-        (_descriptor(q2, grid.block_size), _descriptor(do2, grid.block_size)) if mode == 1 else (q2, do2)
-    )
+    q2, do2, qd, dod = _looped_operands(q_bm, do_bm, grid, mode)
     q_list, q_offsets = transposed
     ct, ch, cw = grid.chunk_shape
     sm_scale = 1.0 / math.sqrt(hd)
@@ -333,8 +335,7 @@ def dq_bm(q, k_bm, v_bm, kbias, o, do, lse, grid, selection, mode, ws, stages, w
     dq = torch.empty_like(q)
     delta = torch.empty_like(lse)
     idx = selection.indices
-    k2, v2 = k_bm.view(-1, hd), v_bm.view(-1, hd)
-    kd, vd = (_descriptor(k2, grid.block_size), _descriptor(v2, grid.block_size)) if mode == 1 else (k2, v2)
+    k2, v2, kd, vd = _looped_operands(k_bm, v_bm, grid, mode)
     ct, ch, cw = grid.chunk_shape
     sm_scale = 1.0 / math.sqrt(hd)
     _dq_bm_kernel[(grid.num_blocks, B * nh)](
