@@ -32,7 +32,9 @@ SHAPES = {  # name: (latent_shape (T, Hp, Wp), num_cond_latents)
 # two programs of 4 warps per SM, limited by registers and shared memory). Tiles of two blocks, two warpgroups,
 # software-pipelined loops, one stage, a 128-register cap and (dK/dV) K and V read every step instead of held were
 # slower or no faster (docs/perf_attention.md) and are no longer swept.
-CANDIDATES = [bsa_triton.Launch(64, 4, stages, registers) for stages, registers in ((2, None), (3, None), (2, 168))]
+CANDIDATES = [
+    bsa_triton.Launch(64, 4, stages, registers) for stages, registers in ((2, None), (3, None), (2, 168))
+]
 
 
 def time_ms(fn, budget_ms: float = 1500.0) -> float:
@@ -61,12 +63,12 @@ def sweep(q, k, v, grid, selection, do) -> dict[str, dict]:
     """Time each kernel alone under every launch candidate, check it against the preset's result, keep the
     fastest correct one in the table; returns {table: {candidate: (ms, relative error)}}."""
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
-    _, delta = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
+    _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
     runs = {
         "FWD_LAUNCH": lambda: bsa_triton.attention_forward(q, k, v, grid, selection)[0],
         "DQ_LAUNCH": lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)[0],
-        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(do, q, k, v, lse, delta, grid, transposed)),
+        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(k, v, rows, grid, transposed)),
     }
     report = {}
     for table, run in runs.items():
@@ -115,10 +117,8 @@ def kernels_once(name: str) -> None:
     q, k, v, do, grid = _inputs(name, "random")
     selection = select_blocks_on_grid(q, k, grid, SPARSITY, False)
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
-    _, delta = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
-    bsa_triton.backward_dkdv(
-        do, q, k, v, lse, delta, grid, bsa_triton.transpose_selection(selection, grid.num_blocks)
-    )
+    _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
+    bsa_triton.backward_dkdv(k, v, rows, grid, bsa_triton.transpose_selection(selection, grid.num_blocks))
     torch.cuda.synchronize()
 
 
@@ -162,12 +162,11 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     row["bwd_kernel_ms"] = time_ms(
         lambda: bsa_triton.attention_backward(do, q, k, v, o, lse, grid, selection)
     )
-    _, delta = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
+    _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
+    row["pack_kv_ms"] = time_ms(lambda: bsa_triton.pack_kv(k, v, grid))
     row["dq_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection))
-    row["dkdv_kernel_ms"] = time_ms(
-        lambda: bsa_triton.backward_dkdv(do, q, k, v, lse, delta, grid, transposed)
-    )
+    row["dkdv_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dkdv(k, v, rows, grid, transposed))
     kw = dict(latent_shape=latent_shape, num_cond_latents=n_cond, sparsity=SPARSITY)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     row["bsa_fwd_ms"] = time_ms(lambda: block_sparse_attention(q, k, v, **kw))
@@ -205,7 +204,8 @@ def smooth_field(latent_shape: tuple[int, int, int], gen: torch.Generator) -> to
 def print_table(rows: list[dict]) -> None:
     cols = [
         ("shape", "{}"), ("data", "{}"), ("tokens", "{}"), ("pairs", "{}"), ("select_ms", "{:.2f}"), ("pool_torch_ms", "{:.2f}"),
-        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("fwd_kernel_ms", "{:.2f}"),
+        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("pack_kv_ms", "{:.2f}"),
+        ("fwd_kernel_ms", "{:.2f}"),
         ("bwd_kernel_ms", "{:.2f}"), ("dq_kernel_ms", "{:.2f}"), ("dkdv_kernel_ms", "{:.2f}"), ("bsa_fwd_ms", "{:.2f}"), ("bsa_fwdbwd_ms", "{:.2f}"),
         ("bsa_fwd_tflops", "{:.0f}"), ("bsa_bwd_tflops", "{:.0f}"), ("cudnn_fwd_ms", "{:.1f}"),
         ("cudnn_fwdbwd_ms", "{:.1f}"), ("cudnn_fwd_tflops", "{:.0f}"), ("cudnn_bwd_tflops", "{:.0f}"),

@@ -1,9 +1,15 @@
 """Triton kernels of block-sparse attention: forward, dQ (+ the row terms Δ), dK/dV (spec §3.3-3.4, own design).
 
-One program owns one 3-D block (a tile of BLOCK = t·h·w tokens) of one (batch, head). Tiles are gathered from
-q/k/v in place: a block's rows are computed from its (block-t, block-h, block-w) position, and rows past the
-grid edge or past the cond/noise boundary are masked, so ragged grids need no padded copies. Every block holds
-at least one real token, so every real query row sees at least one finite score.
+One program owns one 3-D block (a tile of BLOCK = t·h·w tokens) of one (batch, head). The program's own block is
+gathered from q/k/v in place: its rows are computed from its (block-t, block-h, block-w) position, and rows past
+the grid edge or past the cond/noise boundary are masked, so ragged grids need no padded inputs.
+
+The blocks a program loops over (the selected K/V blocks of the forward and dQ, the Q/dO blocks that picked a
+key block in dK/dV) come from block-major copies instead: [B·nh·M·BLOCK, hd], each block's rows contiguous and
+zero-padded to BLOCK, so a loop step is one contiguous (TMA on Hopper) load instead of a 3-D gather. `pack_kv`
+makes the K/V copies; the dQ kernel writes the Q, dO, lse and Δ copies of its own block as it goes. Padded keys
+are masked by a per-slot bias (0 or -inf), padded queries by lse = +inf. Every block holds at least one real
+token, so every real query row sees at least one finite score.
 """
 
 from __future__ import annotations
@@ -29,12 +35,31 @@ class Launch(NamedTuple):
     max_registers: int | None = None
 
 
+class PackedKV(NamedTuple):
+    """Block-major copies of K and V ([B·nh·M·BLOCK, hd], zeros in padding rows) and the additive key bias of
+    every slot of one (batch, head) ([M·BLOCK] float32: 0 for a real token, -inf for padding)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor
+
+
+class PackedRows(NamedTuple):
+    """Block-major copies of what dK/dV loops over, written by the dQ kernel: Q and dO [B·nh·M·BLOCK, hd]
+    (zeros in padding), the base-2 lse (+inf in padding) and Δ (0 in padding) [B·nh·M·BLOCK] float32."""
+
+    q: torch.Tensor
+    do: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+
+
 # Per head dim, measured with bf16 at the training shape (bench/attention.py --sweep; see docs/perf_attention.md):
-# H100 for all, H200 again for head dim 128. One 64-token block is the natural wgmma m64 tile, so one warpgroup
-# (4 warps) per program; stages hide the latency of the gathered K/V loads. The forward at head dim 128 is 5 %
-# faster with two stages and at most 168 registers per thread; the same cap slows dQ 10 % and dK/dV 2x.
+# H100 for all, H200 again for head dim 128 (block-major loads, 2026-12-03). One 64-token block is the natural
+# wgmma m64 tile, so one warpgroup (4 warps) per program; stages hide the latency of the looped-over loads. At head
+# dim 128 a cap of 168 registers per thread makes the forward 3 % and dQ 2 % faster, and dK/dV 2.6x slower.
 FWD_LAUNCH = {32: Launch(64, 4, 3), 64: Launch(64, 4, 3), 128: Launch(64, 4, 2, 168)}
-DQ_LAUNCH = {32: Launch(64, 4, 2), 64: Launch(64, 4, 2), 128: Launch(64, 4, 2)}
+DQ_LAUNCH = {32: Launch(64, 4, 2), 64: Launch(64, 4, 2), 128: Launch(64, 4, 2, 168)}
 DKDV_LAUNCH = {32: Launch(64, 4, 2), 64: Launch(64, 4, 2), 128: Launch(64, 4, 2)}
 
 _LOG2E = 1.4426950408889634
@@ -75,38 +100,75 @@ def block_rows(
 
 
 @triton.jit
-def _listed_rows(
-    LIST, start, end, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
-    GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
-):  # fmt: skip
-    """Rows of the GROUP (1 or 2) blocks LIST[start : start + GROUP] side by side in one tile; a second block at
-    or past `end` is masked out (the last step of an odd-length list)."""
-    BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
-    geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
+def _listed_slots(LIST, start, end, base, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """The GROUP (1 or 2) blocks LIST[start : start + GROUP] side by side in one tile: their slots in one
+    (batch, head)'s tables (block·BLOCK + local), the first block's first row in the block-major copies
+    ((base + block)·BLOCK), and which entries are listed (a second block at or past `end` is not: the last step
+    of an odd-length list)."""
     local = tl.arange(0, BLOCK)
-    rows, valid = block_rows(tl.load(LIST + start), local, *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
+    first = tl.load(LIST + start)
+    slots = first * BLOCK + local
+    listed = local < BLOCK
     if GROUP == 2:
-        # Block ids stay scalars (one division each, not one per row); the two row sets are interleaved,
-        # which is harmless because the kernels treat a tile's rows as an unordered set of keys or queries.
-        # Clamped rather than masked: LIST[end - 1] is always in bounds, and its rows are masked out below.
-        listed = start + 1 < end
-        second, second_valid = block_rows(
-            tl.load(LIST + tl.minimum(start + 1, end - 1)), local, *geometry, CHUNK_T, CHUNK_H, CHUNK_W
-        )
-        rows = tl.reshape(tl.join(rows, second), [2 * BLOCK])
+        # Clamped rather than masked: LIST[end - 1] is always in bounds, and its entries are masked out. The two
+        # blocks are interleaved, which is harmless: the kernels treat a tile's rows as an unordered set.
+        second = tl.load(LIST + tl.minimum(start + 1, end - 1))
+        slots = tl.reshape(tl.join(slots, second * BLOCK + local), [2 * BLOCK])
         # Joined as int8: the interpreter cannot load through a mask that was joined as booleans.
-        both_valid = tl.join(valid.to(tl.int8), (second_valid & listed).to(tl.int8))
-        valid = tl.reshape(both_valid, [2 * BLOCK]) != 0
-    return rows, valid
+        second_listed = tl.full([BLOCK], 1, tl.int8) * (start + 1 < end).to(tl.int8)
+        listed = tl.reshape(tl.join(tl.full([BLOCK], 1, tl.int8), second_listed), [2 * BLOCK]) != 0
+    return slots, (base + first) * BLOCK, listed
+
+
+@triton.jit
+def _packed_tile(X, XD, rows, row0, listed, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr):
+    """Rows `rows` of a block-major copy: one TMA load of the block at row0 (GROUP 1, TMA), else a plain load,
+    masked only when a second block may be unlisted."""
+    d = tl.arange(0, HEAD_DIM)
+    if TMA:
+        x = XD.load([row0.to(tl.int32), 0])
+    elif GROUP == 2:
+        x = tl.load(X + rows[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+    else:
+        x = tl.load(X + rows[:, None] * HEAD_DIM + d[None, :])
+    return x
+
+
+@triton.jit
+def _pack_kernel(
+    K, V, KP, VP, BIAS, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, nh, num_blocks,
+    T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    HEAD_DIM: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr, CHUNK_W: tl.constexpr,
+):  # fmt: skip
+    """One block of K and V (any strides) into its slot of the block-major copies; the (batch, head) 0 programs
+    also write the block's key bias."""
+    BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nh).to(tl.int64)
+    h = (bh % nh).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    local = tl.arange(0, BLOCK)
+    rows, valid = block_rows(
+        block, local, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks, CHUNK_T, CHUNK_H, CHUNK_W
+    )
+    slot_rows = ((bh.to(tl.int64) * num_blocks + block) * BLOCK + local)[:, None] * HEAD_DIM + d[None, :]
+    mask = valid[:, None]
+    k = tl.load(K + b * s_kb + h * s_kh + rows[:, None] * s_kn + d[None, :], mask=mask, other=0.0)
+    tl.store(KP + slot_rows, k)
+    v = tl.load(V + b * s_vb + h * s_vh + rows[:, None] * s_vn + d[None, :], mask=mask, other=0.0)
+    tl.store(VP + slot_rows, v)
+    if bh == 0:
+        tl.store(BIAS + block * BLOCK + local, tl.where(valid, 0.0, float("-inf")))
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, IDX, COUNTS, scale_log2,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_ib, s_ih, s_im,
+    Q, KP, VP, KD, VD, KBIAS, Out, LSE, IDX, COUNTS, scale_log2,
+    s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_ib, s_ih, s_im,
     nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Out and base-2 log-sum-exp of one q-block over its selected k-blocks (online softmax), GROUP at a time."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
@@ -115,24 +177,26 @@ def _fwd_kernel(
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
+    num_blocks = tl.num_programs(0)
     geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
     q_rows, q_valid = block_rows(qblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     q = tl.load(
         Q + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :], mask=q_valid[:, None], other=0.0
     )
-    K += b * s_kb + h * s_kh
-    V += b * s_vb + h * s_vh
+    base = bh.to(tl.int64) * num_blocks
+    KP += base * BLOCK * HEAD_DIM
+    VP += base * BLOCK * HEAD_DIM
     IDX += b * s_ib + h * s_ih + qblock * s_im
     count = tl.load(COUNTS + qblock)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for s in range(0, count, GROUP):
-        k_rows, k_valid = _listed_rows(IDX, s, count, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
-        k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
-        v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
-        # Padded keys get -inf through an additive bias: one FMA per score instead of a multiply and a select.
-        k_bias = tl.where(k_valid, 0.0, float("-inf"))
+        slots, row0, listed = _listed_slots(IDX, s, count, base, BLOCK, GROUP)
+        k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+        v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+        # Padded (and unlisted) keys get -inf through an additive bias: one FMA per score, no select.
+        k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
         qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]  # [BLOCK, GROUP·BLOCK]
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -151,41 +215,48 @@ def _fwd_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Out, DO, DQ, LSE, DELTA, IDX, COUNTS, scale_log2, sm_scale,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_gb, s_gh, s_gn,
-    s_ib, s_ih, s_im, nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    Q, KP, VP, KD, VD, KBIAS, Out, DO, DQ, LSE, QP, DOP, LSEP, DELTAP, IDX, COUNTS, scale_log2, sm_scale,
+    s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_gb, s_gh, s_gn, s_ib, s_ih, s_im,
+    nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one q-block; also stores its Δ = rowsum(Out·dO), which the dK/dV kernel reads afterwards."""
+    """dQ of one q-block; also writes the block's slot of the block-major Q, dO, lse and Δ = rowsum(Out·dO),
+    which the dK/dV kernel loops over afterwards."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
+    local = tl.arange(0, BLOCK)
+    num_blocks = tl.num_programs(0)
     geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
-    q_rows, q_valid = block_rows(qblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
+    q_rows, q_valid = block_rows(qblock, local, *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     row_mask = q_valid[:, None]
     q = tl.load(Q + b * s_qb + h * s_qh + q_rows[:, None] * s_qn + d[None, :], mask=row_mask, other=0.0)
     o = tl.load(Out + b * s_ob + h * s_oh + q_rows[:, None] * s_on + d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + q_rows[:, None] * s_dn + d[None, :], mask=row_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK]
-    row_stats = bh.to(tl.int64) * N + q_rows
-    tl.store(DELTA + row_stats, delta, mask=q_valid)
-    lse = tl.load(LSE + row_stats, mask=q_valid, other=0.0)
-    K += b * s_kb + h * s_kh
-    V += b * s_vb + h * s_vh
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BLOCK], 0 in padding rows
+    lse = tl.load(LSE + bh.to(tl.int64) * N + q_rows, mask=q_valid, other=float("inf"))
+    base = bh.to(tl.int64) * num_blocks
+    slot_rows = (base + qblock) * BLOCK + local
+    tl.store(QP + slot_rows[:, None] * HEAD_DIM + d[None, :], q)
+    tl.store(DOP + slot_rows[:, None] * HEAD_DIM + d[None, :], do)
+    tl.store(LSEP + slot_rows, lse)
+    tl.store(DELTAP + slot_rows, delta)
+    KP += base * BLOCK * HEAD_DIM
+    VP += base * BLOCK * HEAD_DIM
     IDX += b * s_ib + h * s_ih + qblock * s_im
     count = tl.load(COUNTS + qblock)
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for s in range(0, count, GROUP):
-        k_rows, k_valid = _listed_rows(IDX, s, count, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
-        k = tl.load(K + k_rows[:, None] * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
-        v = tl.load(V + k_rows[:, None] * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
-        k_bias = tl.where(k_valid, 0.0, float("-inf"))
+        slots, row0, listed = _listed_slots(IDX, s, count, base, BLOCK, GROUP)
+        k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+        v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+        k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
         qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]
-        p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, GROUP·BLOCK]
+        p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, GROUP·BLOCK]; padded rows: lse = +inf, p = 0
         dp = _dot(do, tl.trans(v), UPCAST_DOT)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
@@ -199,12 +270,11 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QLIST, QOFFSETS, scale_log2, sm_scale,
-    s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
-    s_gkb, s_gkh, s_gkn, s_gvb, s_gvh, s_gvn, pairs_per_head,
-    nh, N, num_blocks, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    K, V, QP, DOP, QD, DOD, LSEP, DELTAP, DK, DV, QLIST, QOFFSETS, scale_log2, sm_scale,
+    s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_gkb, s_gkh, s_gkn, s_gvb, s_gvh, s_gvn, pairs_per_head,
+    nh, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one k-block over the q-blocks that selected it (the transposed selection), GROUP at a time."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
@@ -213,28 +283,30 @@ def _dkdv_kernel(
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
+    num_blocks = tl.num_programs(0)
     geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
     k_rows, k_valid = block_rows(kblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     rows = k_rows[:, None]
     k = tl.load(K + b * s_kb + h * s_kh + rows * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + rows * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
-    Q += b * s_qb + h * s_qh
-    DO += b * s_db + h * s_dh
-    LSE += bh.to(tl.int64) * N
-    DELTA += bh.to(tl.int64) * N
+    base = bh.to(tl.int64) * num_blocks
+    QP += base * BLOCK * HEAD_DIM
+    DOP += base * BLOCK * HEAD_DIM
+    LSEP += base * BLOCK
+    DELTAP += base * BLOCK
     QLIST += bh.to(tl.int64) * pairs_per_head
     QOFFSETS += bh.to(tl.int64) * (num_blocks + 1) + kblock
     end = tl.load(QOFFSETS + 1)
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     for i in range(tl.load(QOFFSETS), end, GROUP):
-        q_rows, q_valid = _listed_rows(QLIST, i, end, *geometry, GROUP, CHUNK_T, CHUNK_H, CHUNK_W)
-        q = tl.load(Q + q_rows[:, None] * s_qn + d[None, :], mask=q_valid[:, None], other=0.0)
-        do = tl.load(DO + q_rows[:, None] * s_dn + d[None, :], mask=q_valid[:, None], other=0.0)
-        # Padded or unlisted q rows get lse = +inf, so their P is exactly 0 and they add nothing to dK/dV.
+        slots, row0, listed = _listed_slots(QLIST, i, end, base, BLOCK, GROUP)
+        q = _packed_tile(QP, QD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+        do = _packed_tile(DOP, DOD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+        # Padded or unlisted q rows have lse = +inf, so their P is exactly 0 and they add nothing to dK/dV.
         # Padded k rows are never stored, so they need no mask here.
-        lse = tl.load(LSE + q_rows, mask=q_valid, other=float("inf"))
-        delta = tl.load(DELTA + q_rows, mask=q_valid, other=0.0)
+        lse = tl.load(LSEP + slots, mask=listed, other=float("inf"))
+        delta = tl.load(DELTAP + slots, mask=listed, other=0.0)
         p_t = tl.math.exp2(
             _dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :]
         )  # [BLOCK, GROUP·BLOCK]
@@ -261,14 +333,19 @@ def chunk_kwargs(grid: BlockGrid, head_dim: int) -> dict[str, int]:
     return dict(HEAD_DIM=head_dim, CHUNK_T=ct, CHUNK_H=ch, CHUNK_W=cw)
 
 
-def _launch_kwargs(grid: BlockGrid, head_dim: int, launch: Launch) -> dict[str, int]:
+def _group(grid: BlockGrid, launch: Launch) -> int:
     # Block sizes and tile widths are powers of two, so GROUP blocks fill the tile exactly; at most two.
-    group = min(2, max(1, launch.tile_tokens // grid.block_size))
+    return min(2, max(1, launch.tile_tokens // grid.block_size))
+
+
+def _launch_kwargs(grid: BlockGrid, head_dim: int, launch: Launch, device: torch.device) -> dict[str, int]:
     registers = {} if launch.max_registers is None or interpreted() else {"maxnreg": launch.max_registers}
+    group = _group(grid, launch)
     return dict(
         **chunk_kwargs(grid, head_dim),
         GROUP=group,
         UPCAST_DOT=interpreted(),
+        TMA=group == 1 and uses_tma(device),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **registers,
@@ -278,6 +355,37 @@ def _launch_kwargs(grid: BlockGrid, head_dim: int, launch: Launch) -> dict[str, 
 def interpreted() -> bool:
     """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on the CPU, in numpy)."""
     return isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def uses_tma(device: torch.device) -> bool:
+    """Whether the kernels load whole blocks through TMA descriptors: on Hopper and later, and under the
+    interpreter (which runs them, so the CPU tests cover that path too)."""
+    return interpreted() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _descriptors(a: torch.Tensor, b: torch.Tensor, grid: BlockGrid, tma: bool) -> tuple:
+    """TMA descriptors of one block of the 2-D block-major copies a and b, or the copies themselves when the
+    kernel loads them with plain loads (the descriptor arguments are then unused)."""
+    if not tma:
+        return a, b
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [grid.block_size, a.shape[-1]]
+    return TensorDescriptor.from_tensor(a, block), TensorDescriptor.from_tensor(b, block)
+
+
+def pack_kv(k: torch.Tensor, v: torch.Tensor, grid: BlockGrid) -> PackedKV:
+    """Block-major copies of k, v [B, nh, N, hd] (any strides with a contiguous head dim), in one launch."""
+    B, nh, _, hd = k.shape
+    rows = B * nh * grid.num_blocks * grid.block_size
+    kp = torch.empty(rows, hd, device=k.device, dtype=k.dtype)
+    vp = torch.empty(rows, hd, device=v.device, dtype=v.dtype)
+    bias = torch.empty(grid.num_blocks * grid.block_size, device=k.device, dtype=torch.float32)
+    _pack_kernel[(grid.num_blocks, B * nh)](
+        k, v, kp, vp, bias, *k.stride()[:3], *v.stride()[:3], nh, grid.num_blocks, *geometry_args(grid),
+        **chunk_kwargs(grid, hd), num_warps=4,
+    )  # fmt: skip
+    return PackedKV(kp, vp, bias)
 
 
 def attention_forward(
@@ -292,7 +400,8 @@ def attention_forward(
 def forward_token_major(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: BlockGrid, selection: BlockSelection
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel; returns Out token-major [B, N, nh, hd] and the base-2 lse [B·nh, N] float32.
+    """Pack K/V, launch the forward kernel; returns Out token-major [B, N, nh, hd] and the base-2 lse [B·nh, N]
+    float32.
 
     Token-major, so the model's merge of the heads before the output projection is a view, not a strided copy.
     """
@@ -300,12 +409,13 @@ def forward_token_major(
     out = torch.empty(B, N, nh, hd, device=q.device, dtype=q.dtype)
     o = out.transpose(1, 2)  # [B, nh, N, hd] view the kernel writes through
     lse = torch.empty(B * nh, N, device=q.device, dtype=torch.float32)
+    packed = pack_kv(k, v, grid)
     idx = selection.indices
-    scale_log2 = _LOG2E / math.sqrt(hd)
+    kwargs = _launch_kwargs(grid, hd, FWD_LAUNCH[hd], q.device)
     _fwd_kernel[(grid.num_blocks, B * nh)](
-        q, k, v, o, lse, idx, selection.counts, scale_log2,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
-        nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, FWD_LAUNCH[hd]),
+        q, packed.k, packed.v, *_descriptors(packed.k, packed.v, grid, kwargs["TMA"]), packed.bias, o, lse, idx,
+        selection.counts, _LOG2E / math.sqrt(hd), *q.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
+        nh, N, *geometry_args(grid), **kwargs,
     )  # fmt: skip
     return out, lse
 
@@ -321,8 +431,8 @@ def attention_backward(
     selection: BlockSelection,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
-    dq, delta = backward_dq(do, q, k, v, o, lse, grid, selection)
-    dk, dv = backward_dkdv(do, q, k, v, lse, delta, grid, transpose_selection(selection, grid.num_blocks))
+    dq, rows = backward_dq(do, q, k, v, o, lse, grid, selection)
+    dk, dv = backward_dkdv(k, v, rows, grid, transpose_selection(selection, grid.num_blocks))
     return dq, dk, dv
 
 
@@ -335,42 +445,51 @@ def backward_dq(
     lse: torch.Tensor,
     grid: BlockGrid,
     selection: BlockSelection,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the dQ kernel; returns dQ and the row terms Δ [B·nh, N] float32."""
+) -> tuple[torch.Tensor, PackedRows]:
+    """Pack K/V again (cheaper than keeping the forward's copies alive), launch the dQ kernel; returns dQ and
+    the block-major rows the dK/dV kernel loops over."""
     B, nh, N, hd = q.shape
     sm_scale = 1.0 / math.sqrt(hd)
     # q's strides where q is dense, else contiguous: the kernel addresses dq by its own strides.
     dq = torch.empty_like(q)
-    delta = torch.empty_like(lse)  # [B·nh, N]
+    num_rows = B * nh * grid.num_blocks * grid.block_size
+    rows = PackedRows(
+        q.new_empty(num_rows, hd),
+        do.new_empty(num_rows, hd),
+        lse.new_empty(num_rows),
+        lse.new_empty(num_rows),
+    )
+    packed = pack_kv(k, v, grid)
     idx = selection.indices
+    kwargs = _launch_kwargs(grid, hd, DQ_LAUNCH[hd], q.device)
     _dq_kernel[(grid.num_blocks, B * nh)](
-        q, k, v, o, do, dq, lse, delta, idx, selection.counts, sm_scale * _LOG2E, sm_scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        *idx.stride()[:3], nh, N, *geometry_args(grid), **_launch_kwargs(grid, hd, DQ_LAUNCH[hd]),
+        q, packed.k, packed.v, *_descriptors(packed.k, packed.v, grid, kwargs["TMA"]), packed.bias, o, do, dq,
+        lse, *rows, idx, selection.counts, sm_scale * _LOG2E, sm_scale,
+        *q.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *idx.stride()[:3],
+        nh, N, *geometry_args(grid), **kwargs,
     )  # fmt: skip
-    return dq, delta
+    return dq, rows
 
 
 def backward_dkdv(
-    do: torch.Tensor,
-    q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
+    rows: PackedRows,
     grid: BlockGrid,
     transposed: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the dK/dV kernel over the transposed selection (see transpose_selection); returns dK, dV."""
-    B, nh, N, hd = q.shape
+    """Launch the dK/dV kernel over the transposed selection (see transpose_selection) and the block-major rows
+    of backward_dq; returns dK, dV."""
+    B, nh, N, hd = k.shape
     sm_scale = 1.0 / math.sqrt(hd)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     q_list, q_offsets = transposed
+    kwargs = _launch_kwargs(grid, hd, DKDV_LAUNCH[hd], k.device)
     _dkdv_kernel[(grid.num_blocks, B * nh)](
-        q, k, v, do, dk, dv, lse, delta, q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        q_list.shape[-1],
-        nh, N, grid.num_blocks, *geometry_args(grid), **_launch_kwargs(grid, hd, DKDV_LAUNCH[hd]),
+        k, v, rows.q, rows.do, *_descriptors(rows.q, rows.do, grid, kwargs["TMA"]), rows.lse, rows.delta,
+        dk, dv, q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
+        *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], q_list.shape[-1],
+        nh, *geometry_args(grid), **kwargs,
     )  # fmt: skip
     return dk, dv
 

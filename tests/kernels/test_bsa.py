@@ -10,7 +10,7 @@ from longcat_dist.kernels import (
     bsa_triton,
     reference_block_sparse_attention,
 )
-from longcat_dist.kernels.bsa_select import pool_blocks
+from longcat_dist.kernels.bsa_select import pool_blocks, select_blocks_on_grid
 from longcat_dist.kernels.bsa_select_triton import pool_blocks_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +51,51 @@ def test_pool_kernel_matches_torch_pooling():
     x = torch.randn(2, 3, 210, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE, BF16)
     x = x.transpose(1, 2).contiguous().transpose(1, 2)  # strided like a head view of [B, N, nh, hd]
     torch.testing.assert_close(pool_blocks_kernel(x, grid), pool_blocks(x, grid))
+
+
+def _block_major_slots(grid: BlockGrid) -> torch.Tensor:
+    """Slot of every token in the block-major copies (block · BLOCK + offset in the block), from the token grid."""
+    T, Hp, Wp = grid.latent_shape
+    ct, ch, cw = grid.chunk_shape
+    n_c = grid.num_cond_latents
+    t = torch.arange(T)
+    t0 = torch.where(t < n_c, t // ct * ct, n_c + (t - n_c).clamp(min=0) // ct * ct)
+    lt = (t - t0)[:, None, None]
+    lh = (torch.arange(Hp) % ch)[None, :, None]
+    lw = (torch.arange(Wp) % cw)[None, None, :]
+    local = ((lt * ch + lh) * cw + lw).flatten()
+    return grid.token_block_ids(torch.device("cpu")) * grid.block_size + local
+
+
+@pytest.mark.parametrize("chunk_shape", [(4, 4, 4), (2, 4, 4)])
+def test_block_major_copies_hold_every_block_zero_padded(chunk_shape):
+    """pack_kv and the dQ kernel's copies: each token in its block's slot, padding zero (lse +inf, bias -inf)."""
+    grid = BlockGrid((5, 6, 7), num_cond_latents=1, chunk_shape=chunk_shape)
+    B, nh, hd, N, M = 2, 2, 32, grid.num_tokens, grid.num_blocks
+    qkv = torch.randn(B, N, 3, nh, hd, generator=torch.Generator().manual_seed(9)).to(DEVICE, FP16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, as in the model
+    slots = _block_major_slots(grid).to(DEVICE)
+    slots_per_head = M * grid.block_size
+
+    def block_major(x, fill=0.0):  # [B, nh, N, ...] -> [B·nh·M·BLOCK, ...]
+        out = x.new_full((B, nh, slots_per_head, *x.shape[3:]), fill)
+        out[:, :, slots] = x
+        return out.flatten(0, 2)
+
+    packed = bsa_triton.pack_kv(k, v, grid)
+    assert torch.equal(packed.k, block_major(k)) and torch.equal(packed.v, block_major(v))
+    want_bias = torch.full((slots_per_head,), float("-inf"), device=DEVICE)
+    want_bias[slots] = 0.0
+    assert torch.equal(packed.bias, want_bias)
+
+    selection = select_blocks_on_grid(q, k, grid, 0.5, False)
+    out, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
+    do = torch.randn(B, nh, N, hd, generator=torch.Generator().manual_seed(10)).to(DEVICE, FP16)
+    _, rows = bsa_triton.backward_dq(do, q, k, v, out, lse, grid, selection)
+    assert torch.equal(rows.q, block_major(q)) and torch.equal(rows.do, block_major(do))
+    assert torch.equal(rows.lse, block_major(lse.view(B, nh, N), float("inf")))
+    delta = (out.float() * do.float()).sum(-1)
+    torch.testing.assert_close(rows.delta, block_major(delta), rtol=1e-5, atol=1e-5)
 
 
 def test_few_key_blocks_never_give_zeros():
