@@ -86,7 +86,8 @@ class BlockGrid:
 class BlockSelection(NamedTuple):
     """Per-(batch, head, q-block) lists of selected key blocks."""
 
-    indices: torch.Tensor  # [B, nh, M, n_sel] int32, in no set order; entries past counts[m] hold M (unused)
+    # [B, nh, M, n_sel] int32: cond blocks first, otherwise in no set order; entries past counts[m] hold M (unused)
+    indices: torch.Tensor
     counts: torch.Tensor  # [M] int32: blocks used by q-block m (cond rows select among cond blocks only)
 
 
@@ -194,14 +195,28 @@ def select_blocks_on_grid(
     rows = torch.arange(num_blocks, device=q.device)
     counts = torch.where(rows < num_cond, n_sel_cond, n_sel).to(torch.int32)  # [M]
     # Noise queries pick among all blocks; cond queries only among cond blocks (spec §2.10), fewer of them,
-    # and their unused slots hold M. Unsorted: the kernels need no order, and sorting cost as much as the
-    # top-k itself at 704p. (A Triton sort-based top-k was 2x slower than torch.topk at 480p, 5x at 704p.)
+    # and their unused slots hold M. Not sorted (sorting cost as much as the top-k itself at 704p; a Triton
+    # sort-based top-k was 2x slower than torch.topk at 480p, 5x at 704p), only cond blocks moved first.
     indices = torch.full_like(scores[..., :n_sel], num_blocks, dtype=torch.int32)  # [B, nh, M, n_sel]
-    indices[:, :, num_cond:] = scores[:, :, num_cond:].topk(n_sel, dim=-1, sorted=False).indices
+    noise_rows = scores[:, :, num_cond:].topk(n_sel, dim=-1, sorted=False).indices
+    if num_cond:
+        noise_rows = _cond_first(noise_rows, num_cond)
+    indices[:, :, num_cond:] = noise_rows
     if num_cond:
         cond_scores = scores[:, :, :num_cond, :num_cond]
         indices[:, :, :num_cond, :n_sel_cond] = cond_scores.topk(n_sel_cond, dim=-1, sorted=False).indices
     return BlockSelection(indices, counts)
+
+
+def _cond_first(indices: torch.Tensor, num_cond: int) -> torch.Tensor:
+    """Reorder each row of block ids so that cond blocks (ids < num_cond) come first, each class in its
+    original order: a stable partition in a few elementwise passes (a sort of the rows costs as much as the
+    top-k). The kernels pack several short cond blocks into one tile, so they need them together."""
+    is_cond = indices < num_cond
+    cond_rank = is_cond.cumsum(-1)
+    num_cond_listed = cond_rank[..., -1:]
+    noise_rank = (~is_cond).cumsum(-1) + num_cond_listed
+    return indices.scatter(-1, torch.where(is_cond, cond_rank, noise_rank) - 1, indices)
 
 
 def _pool(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:

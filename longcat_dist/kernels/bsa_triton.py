@@ -163,15 +163,50 @@ def _pack_kernel(
 
 
 @triton.jit
+def _cond_slots(LIST, start, end, BLOCK: tl.constexpr, COND_ROWS: tl.constexpr, TILE: tl.constexpr):
+    """TILE // COND_ROWS cond blocks LIST[start : ...] side by side in one tile, COND_ROWS rows each: a cond
+    block's real tokens are its first rows (it is short in time, the outermost axis of a block), so its slot's
+    first COND_ROWS rows hold them all. Returns their slots in one (batch, head)'s tables and which are listed."""
+    r = tl.arange(0, TILE)
+    j = start + r // COND_ROWS
+    listed = j < end
+    block = tl.load(LIST + j, mask=listed, other=0)
+    return block * BLOCK + r % COND_ROWS, listed
+
+
+@triton.jit
+def _cond_count(LIST, count, num_cond_blocks, MAX_SEL: tl.constexpr):
+    """How many of the `count` listed blocks are cond blocks (the selection lists them first)."""
+    j = tl.arange(0, MAX_SEL)
+    listed = tl.load(LIST + j, mask=j < count, other=num_cond_blocks)
+    return tl.sum((listed < num_cond_blocks).to(tl.int32), 0)
+
+
+@triton.jit
+def _fwd_step(q, k, v, k_bias, m_i, l_i, acc, scale_log2, UPCAST_DOT: tl.constexpr):
+    """One online-softmax step over a key tile; padded (and unlisted) keys get -inf through the additive bias."""
+    qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]  # [BLOCK, tile]
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)  # 0 on the first step: m_i starts at -inf
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(
     Q, KP, VP, KD, VD, KBIAS, Out, LSE, IDX, COUNTS, scale_log2,
     s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_ib, s_ih, s_im,
     nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr, COND_ROWS: tl.constexpr,
+    MAX_SEL: tl.constexpr,
 ):  # fmt: skip
-    """Out and base-2 log-sum-exp of one q-block over its selected k-blocks (online softmax), GROUP at a time."""
+    """Out and base-2 log-sum-exp of one q-block over its selected k-blocks (online softmax): the cond blocks
+    first, several to a tile when they are short (COND_ROWS < the tile), then the rest GROUP at a time."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    TILE: tl.constexpr = GROUP * BLOCK
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
@@ -191,19 +226,21 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for s in range(0, count, GROUP):
+    first = 0
+    if COND_ROWS < TILE:
+        first = _cond_count(IDX, count, cond_tblocks * hblocks * wblocks, MAX_SEL)
+        for s in range(0, first, TILE // COND_ROWS):
+            slots, listed = _cond_slots(IDX, s, first, BLOCK, COND_ROWS, TILE)
+            k = tl.load(KP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+            v = tl.load(VP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+            k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+            m_i, l_i, acc = _fwd_step(q, k, v, k_bias, m_i, l_i, acc, scale_log2, UPCAST_DOT)
+    for s in range(first, count, GROUP):
         slots, row0, listed = _listed_slots(IDX, s, count, base, BLOCK, GROUP)
         k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
         v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
-        # Padded (and unlisted) keys get -inf through an additive bias: one FMA per score, no select.
         k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
-        qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]  # [BLOCK, GROUP·BLOCK]
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)  # 0 on the first step: m_i starts at -inf
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT)
-        m_i = m_new
+        m_i, l_i, acc = _fwd_step(q, k, v, k_bias, m_i, l_i, acc, scale_log2, UPCAST_DOT)
     acc = acc / l_i[:, None]
     tl.store(
         Out + b * s_ob + h * s_oh + q_rows[:, None] * s_on + d[None, :],
@@ -214,16 +251,28 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _dq_step(q, do, k, v, k_bias, lse, delta, dq, scale_log2, UPCAST_DOT: tl.constexpr):
+    """dQ's contribution of one key tile (before the softmax scale)."""
+    qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]
+    p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, tile]; padded rows: lse = +inf, p = 0
+    dp = _dot(do, tl.trans(v), UPCAST_DOT)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.to(k.dtype), k, UPCAST_DOT)
+
+
+@triton.jit
 def _dq_kernel(
     Q, KP, VP, KD, VD, KBIAS, Out, DO, DQ, LSE, QP, DOP, LSEP, DELTAP, IDX, COUNTS, scale_log2, sm_scale,
     s_qb, s_qh, s_qn, s_ob, s_oh, s_on, s_db, s_dh, s_dn, s_gb, s_gh, s_gn, s_ib, s_ih, s_im,
     nh, N, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr, COND_ROWS: tl.constexpr,
+    MAX_SEL: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one q-block; also writes the block's slot of the block-major Q, dO, lse and Δ = rowsum(Out·dO),
-    which the dK/dV kernel loops over afterwards."""
+    """dQ of one q-block, key tiles as in the forward; also writes the block's slot of the block-major Q, dO,
+    lse and Δ = rowsum(Out·dO), which the dK/dV kernel loops over afterwards."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
+    TILE: tl.constexpr = GROUP * BLOCK
     qblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
@@ -250,16 +299,21 @@ def _dq_kernel(
     IDX += b * s_ib + h * s_ih + qblock * s_im
     count = tl.load(COUNTS + qblock)
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for s in range(0, count, GROUP):
+    first = 0
+    if COND_ROWS < TILE:
+        first = _cond_count(IDX, count, cond_tblocks * hblocks * wblocks, MAX_SEL)
+        for s in range(0, first, TILE // COND_ROWS):
+            slots, listed = _cond_slots(IDX, s, first, BLOCK, COND_ROWS, TILE)
+            k = tl.load(KP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+            v = tl.load(VP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+            k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+            dq = _dq_step(q, do, k, v, k_bias, lse, delta, dq, scale_log2, UPCAST_DOT)
+    for s in range(first, count, GROUP):
         slots, row0, listed = _listed_slots(IDX, s, count, base, BLOCK, GROUP)
         k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
         v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
         k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
-        qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]
-        p = tl.math.exp2(qk - lse[:, None])  # [BLOCK, GROUP·BLOCK]; padded rows: lse = +inf, p = 0
-        dp = _dot(do, tl.trans(v), UPCAST_DOT)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST_DOT)
+        dq = _dq_step(q, do, k, v, k_bias, lse, delta, dq, scale_log2, UPCAST_DOT)
     dq *= sm_scale
     tl.store(
         DQ + b * s_gb + h * s_gh + q_rows[:, None] * s_gn + d[None, :],
@@ -276,7 +330,8 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
     CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV of one k-block over the q-blocks that selected it (the transposed selection), GROUP at a time."""
+    """dK and dV of one k-block over the q-blocks that selected it (the transposed selection), GROUP at a time.
+    (A launch of its own for short cond k-blocks, 16-row tiles instead of 64, was no faster: docs/perf_attention.md.)"""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
     kblock = tl.program_id(0)
     bh = tl.program_id(1)
@@ -352,6 +407,27 @@ def _launch_kwargs(grid: BlockGrid, head_dim: int, launch: Launch, device: torch
     )
 
 
+def _selection_kwargs(grid: BlockGrid, selection: BlockSelection, launch: Launch) -> dict[str, int]:
+    """Compile-time settings of the kernels that loop over a selection: COND_ROWS, the rows that hold a cond
+    block's real tokens when cond blocks are short in time (one cond latent frame: 16 of 64), so that several
+    share a tile; the whole tile when they are not. MAX_SEL bounds the listed blocks per q-block."""
+    cond_rows = short_cond_rows(grid)
+    tile = _group(grid, launch) * grid.block_size
+    return dict(
+        COND_ROWS=tile if cond_rows is None else cond_rows,
+        MAX_SEL=triton.next_power_of_2(selection.indices.shape[-1]),
+    )
+
+
+def short_cond_rows(grid: BlockGrid) -> int | None:
+    """Leading rows of a block that hold all of a cond block's tokens, when that is fewer than the block: cond
+    blocks span at most num_cond_latents frames, and time is a block's outermost axis. None when there are no
+    cond frames or they fill whole blocks."""
+    ct, ch, cw = grid.chunk_shape
+    rows = triton.next_power_of_2(min(grid.num_cond_latents, ct)) * ch * cw
+    return rows if 0 < grid.num_cond_latents and rows < grid.block_size else None
+
+
 def interpreted() -> bool:
     """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on the CPU, in numpy)."""
     return isinstance(_fwd_kernel, InterpretedFunction)
@@ -411,7 +487,8 @@ def forward_token_major(
     lse = torch.empty(B * nh, N, device=q.device, dtype=torch.float32)
     packed = pack_kv(k, v, grid)
     idx = selection.indices
-    kwargs = _launch_kwargs(grid, hd, FWD_LAUNCH[hd], q.device)
+    launch = FWD_LAUNCH[hd]
+    kwargs = _launch_kwargs(grid, hd, launch, q.device) | _selection_kwargs(grid, selection, launch)
     _fwd_kernel[(grid.num_blocks, B * nh)](
         q, packed.k, packed.v, *_descriptors(packed.k, packed.v, grid, kwargs["TMA"]), packed.bias, o, lse, idx,
         selection.counts, _LOG2E / math.sqrt(hd), *q.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
@@ -461,7 +538,8 @@ def backward_dq(
     )
     packed = pack_kv(k, v, grid)
     idx = selection.indices
-    kwargs = _launch_kwargs(grid, hd, DQ_LAUNCH[hd], q.device)
+    launch = DQ_LAUNCH[hd]
+    kwargs = _launch_kwargs(grid, hd, launch, q.device) | _selection_kwargs(grid, selection, launch)
     _dq_kernel[(grid.num_blocks, B * nh)](
         q, packed.k, packed.v, *_descriptors(packed.k, packed.v, grid, kwargs["TMA"]), packed.bias, o, do, dq,
         lse, *rows, idx, selection.counts, sm_scale * _LOG2E, sm_scale,

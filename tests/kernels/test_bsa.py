@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from bsa_checks import assert_matches_reference, random_qkv, relative_error
+from bsa_checks import TOLERANCE, assert_matches_reference, random_qkv, relative_error
 
 from longcat_dist.kernels import (
     BlockGrid,
@@ -96,6 +96,23 @@ def test_block_major_copies_hold_every_block_zero_padded(chunk_shape):
     assert torch.equal(rows.lse, block_major(lse.view(B, nh, N), float("inf")))
     delta = (out.float() * do.float()).sum(-1)
     torch.testing.assert_close(rows.delta, block_major(delta), rtol=1e-5, atol=1e-5)
+
+
+def test_peaked_scores_whose_running_max_jumps_match_reference():
+    """Large q and k make sharp softmaxes whose row maxima grow by far more than 2^8 from one key tile to the
+    next: the forward's online rescaling must carry them (a kernel that skipped it mid-loop gives NaN here)."""
+    latent_shape, kw = (5, 8, 8), dict(num_cond_latents=1, sparsity=0.5)
+    q, k, v = random_qkv(1, 2, 320, 32, FP16, DEVICE, seed=11)
+    q, k = (x.detach().mul(4).requires_grad_() for x in (q, k))  # scores of std ~ 16 / sqrt(32) * 32 = 90
+    out = block_sparse_attention(q, k, v, latent_shape=latent_shape, **kw)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = reference_block_sparse_attention(q32, k32, v32, latent_shape=latent_shape, **kw)
+    assert relative_error(out, ref) < TOLERANCE[FP16]
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(DEVICE, FP16)
+    for got, want in zip(
+        torch.autograd.grad(out, (q, k, v), d_out), torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
+    ):
+        assert relative_error(got, want) < TOLERANCE[FP16]
 
 
 def test_few_key_blocks_never_give_zeros():

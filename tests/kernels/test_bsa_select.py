@@ -90,3 +90,20 @@ def test_selection_gets_no_gradient():
     q, k = (torch.randn(1, 1, 64, 16, requires_grad=True) for _ in range(2))
     sel = select_blocks(q, k, latent_shape=(4, 4, 4))
     assert not sel.indices.requires_grad
+
+
+def test_noise_rows_list_their_cond_blocks_first_and_keep_the_top_k_set():
+    """The kernels pack short cond blocks several to a tile, so each row lists its cond blocks first."""
+    grid = BlockGrid((9, 8, 8), num_cond_latents=1, chunk_shape=(4, 4, 4))  # 4 cond + 12 noise blocks
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 3, grid.num_tokens, 16, generator=gen) for _ in range(2))
+    kw = dict(latent_shape=grid.latent_shape, num_cond_latents=1, sparsity=0.5)
+    sel = select_blocks(q, k, **kw)
+    noise = sel.indices[:, :, grid.num_cond_blocks :].long()  # [B, nh, 12, 8]
+    is_cond = noise < grid.num_cond_blocks
+    # Once a row reaches a noise block, no cond block follows.
+    assert not (is_cond[..., 1:] & ~is_cond[..., :-1]).any()
+    assert is_cond.any() and (~is_cond).any()  # both kinds occur, so the order was tested
+    scores = pool_blocks(q, grid) @ pool_blocks(k, grid).transpose(-1, -2)
+    want = scores[:, :, grid.num_cond_blocks :].topk(noise.shape[-1], dim=-1).indices
+    assert torch.equal(noise.sort(-1).values, want.sort(-1).values)
