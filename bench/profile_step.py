@@ -41,7 +41,7 @@ CATEGORIES = (
     ("fp8/int8 quantize", r"_quantize_rows|_rescale_int32|quantize"),
     (
         "attention",
-        r"_fwd_kernel|_dq_kernel|_dkdv_kernel|_pool_kernel|attn|attention|flash|fmha|cudnn|sdpa|sdp_",
+        r"_fwd_kernel|_dq_kernel|_dkdv_kernel|_pool_kernel|_pack_kernel|_topk_kernel|attn|attention|flash|fmha|cudnn|sdpa|sdp_",
     ),
     (
         "matmul",

@@ -195,9 +195,15 @@ def select_blocks_on_grid(
     rows = torch.arange(num_blocks, device=q.device)
     counts = torch.where(rows < num_cond, n_sel_cond, n_sel).to(torch.int32)  # [M]
     # Noise queries pick among all blocks; cond queries only among cond blocks (spec §2.10), fewer of them,
-    # and their unused slots hold M. Not sorted (sorting cost as much as the top-k itself at 704p; a Triton
-    # sort-based top-k was 2x slower than torch.topk at 480p, 5x at 704p), only cond blocks moved first.
+    # and their unused slots hold M. Not sorted (sorting cost as much as the top-k itself at 704p), only cond
+    # blocks moved first. On CUDA a Triton radix select does it all in two launches (faster than torch.topk:
+    # docs/perf_attention.md); elsewhere torch.topk and a stable partition.
     indices = torch.full_like(scores[..., :n_sel], num_blocks, dtype=torch.int32)  # [B, nh, M, n_sel]
+    if scores.is_cuda:
+        from longcat_dist.kernels.bsa_select_triton import topk_blocks_kernel  # imports this module
+
+        topk_blocks_kernel(scores, indices, num_cond, n_sel, n_sel_cond)
+        return BlockSelection(indices, counts)
     noise_rows = scores[:, :, num_cond:].topk(n_sel, dim=-1, sorted=False).indices
     if num_cond:
         noise_rows = _cond_first(noise_rows, num_cond)

@@ -26,6 +26,8 @@ def _load():
         ("aten::_scaled_mm", "matmul"),
         ("_fwd_kernel", "attention"),
         ("_dkdv_kernel", "attention"),
+        ("_pack_kernel", "attention"),
+        ("_topk_kernel", "attention"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128", "attention"),
         ("_modulate_fwd_kernel", "fused elementwise"),
         ("_rope_kernel", "fused elementwise"),

@@ -11,7 +11,7 @@ from longcat_dist.kernels import (
     reference_block_sparse_attention,
 )
 from longcat_dist.kernels.bsa_select import pool_blocks, select_blocks_on_grid
-from longcat_dist.kernels.bsa_select_triton import pool_blocks_kernel
+from longcat_dist.kernels.bsa_select_triton import pool_blocks_kernel, topk_blocks_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -113,6 +113,34 @@ def test_peaked_scores_whose_running_max_jumps_match_reference():
         torch.autograd.grad(out, (q, k, v), d_out), torch.autograd.grad(ref, (q32, k32, v32), d_out.float())
     ):
         assert relative_error(got, want) < TOLERANCE[FP16]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_kernel_picks_the_largest_scores_with_cond_blocks_first(ties):
+    B, nh, M, num_cond, n_sel, n_sel_cond = 2, 3, 20, 4, 5, 2
+    gen = torch.Generator().manual_seed(13)
+    scores = (
+        torch.randint(0, 3, (B, nh, M, M), generator=gen).float()
+        if ties
+        else torch.randn(B, nh, M, M, generator=gen)
+    )
+    scores = scores.to(DEVICE)
+    got = torch.full((B, nh, M, n_sel), M, dtype=torch.int32, device=DEVICE)
+    topk_blocks_kernel(scores, got, num_cond, n_sel, n_sel_cond)
+    for rows, cols, k in ((slice(num_cond, M), M, n_sel), (slice(0, num_cond), num_cond, n_sel_cond)):
+        picked = got[:, :, rows, :k].long()
+        assert (got[:, :, rows, k:] == M).all()  # slots past k untouched
+        assert (picked.sort(-1).values.diff(dim=-1) > 0).all() and (picked < cols).all()  # k distinct columns
+        row_scores = scores[:, :, rows, :cols]
+        taken = torch.zeros_like(row_scores, dtype=torch.bool).scatter_(-1, picked, True)
+        lowest_taken = row_scores.masked_fill(~taken, float("inf")).amin(-1)
+        highest_left = row_scores.masked_fill(taken, float("-inf")).amax(-1)
+        assert (lowest_taken >= highest_left).all()  # no unpicked score beats a picked one
+        if not ties:
+            want = row_scores.topk(k, dim=-1).indices
+            assert torch.equal(picked.sort(-1).values, want.sort(-1).values)
+        is_cond = picked < num_cond
+        assert not (is_cond[..., 1:] & ~is_cond[..., :-1]).any()  # cond blocks first
 
 
 def test_few_key_blocks_never_give_zeros():
