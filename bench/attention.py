@@ -65,10 +65,11 @@ def sweep(q, k, v, grid, selection, do) -> dict[str, dict]:
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
+    unions = bsa_triton.cond_unions(selection, grid, HEAD_DIM) if bsa_triton.COND_UNIONS else None
     runs = {
         "FWD_LAUNCH": lambda: bsa_triton.attention_forward(q, k, v, grid, selection)[0],
         "DQ_LAUNCH": lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)[0],
-        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(k, v, rows, grid, transposed)),
+        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions)),
     }
     report = {}
     for table, run in runs.items():
@@ -113,6 +114,7 @@ def select_breakdown(q, k, grid) -> dict[str, float]:
             lambda: topk_blocks_kernel(scores, picked, grid.num_cond_blocks, n_sel, n_sel_cond)
         ),
         transpose_ms=time_ms(lambda: bsa_triton.transpose_selection(selection, grid.num_blocks)),
+        unions_ms=time_ms(lambda: bsa_triton.cond_unions(selection, grid, HEAD_DIM)),
         pool_kernel_err=_rel_err(pool_blocks_kernel(q, grid), qp),
     )
 
@@ -123,7 +125,9 @@ def kernels_once(name: str) -> None:
     selection = select_blocks_on_grid(q, k, grid, SPARSITY, False)
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
-    bsa_triton.backward_dkdv(k, v, rows, grid, bsa_triton.transpose_selection(selection, grid.num_blocks))
+    transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
+    unions = bsa_triton.cond_unions(selection, grid, HEAD_DIM) if bsa_triton.COND_UNIONS else None
+    bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions)
     torch.cuda.synchronize()
 
 
@@ -157,6 +161,7 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     )
     if do_sweep:
         row["sweep"] = sweep(q, k, v, grid, selection, do)
+    row["cond_unions"] = bsa_triton.COND_UNIONS
     row["launch"] = {
         t: tuple(getattr(bsa_triton, t)[HEAD_DIM]) for t in ("FWD_LAUNCH", "DQ_LAUNCH", "DKDV_LAUNCH")
     }
@@ -169,9 +174,10 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     )
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
+    unions = bsa_triton.cond_unions(selection, grid, HEAD_DIM) if bsa_triton.COND_UNIONS else None
     row["pack_kv_ms"] = time_ms(lambda: bsa_triton.pack_kv(k, v, grid))
     row["dq_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection))
-    row["dkdv_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dkdv(k, v, rows, grid, transposed))
+    row["dkdv_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions))
     kw = dict(latent_shape=latent_shape, num_cond_latents=n_cond, sparsity=SPARSITY)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     row["bsa_fwd_ms"] = time_ms(lambda: block_sparse_attention(q, k, v, **kw))
@@ -209,7 +215,7 @@ def smooth_field(latent_shape: tuple[int, int, int], gen: torch.Generator) -> to
 def print_table(rows: list[dict]) -> None:
     cols = [
         ("shape", "{}"), ("data", "{}"), ("tokens", "{}"), ("pairs", "{}"), ("select_ms", "{:.2f}"), ("pool_torch_ms", "{:.2f}"),
-        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("topk_kernel_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("pack_kv_ms", "{:.2f}"),
+        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("topk_kernel_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("unions_ms", "{:.2f}"), ("pack_kv_ms", "{:.2f}"),
         ("fwd_kernel_ms", "{:.2f}"),
         ("bwd_kernel_ms", "{:.2f}"), ("dq_kernel_ms", "{:.2f}"), ("dkdv_kernel_ms", "{:.2f}"), ("bsa_fwd_ms", "{:.2f}"), ("bsa_fwdbwd_ms", "{:.2f}"),
         ("bsa_fwd_tflops", "{:.0f}"), ("bsa_bwd_tflops", "{:.0f}"), ("cudnn_fwd_ms", "{:.1f}"),
@@ -239,7 +245,13 @@ def main() -> None:
         action="store_true",
         help="launch each kernel once at the first shape (for ncu), no timing",
     )
+    parser.add_argument(
+        "--cond-unions",
+        action="store_true",
+        help="dK/dV of short cond k-blocks four to a program (bsa_triton.COND_UNIONS)",
+    )
     args = parser.parse_args()
+    bsa_triton.COND_UNIONS = args.cond_unions
     if args.kernels_once:
         return kernels_once(args.shapes.split(",")[0])
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", bsa_triton.triton.__version__)

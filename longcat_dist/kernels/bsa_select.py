@@ -91,6 +91,11 @@ class BlockSelection(NamedTuple):
     counts: torch.Tensor  # [M] int32: blocks used by q-block m (cond rows select among cond blocks only)
 
 
+# Largest block count for which the Triton top-k beats torch.topk (H200, bench/attention.py: 728 blocks 0.43 vs
+# 0.60 ms; 1,540 blocks 2.04 vs 1.74 ms).
+TOPK_KERNEL_MAX_BLOCKS = 1024
+
+
 def num_selected(num_key_blocks: int, sparsity: float) -> int:
     """Blocks kept per q-block: the official int((1 - sparsity) * Nk), but never 0 (the official kernel then
     returns silent zeros)."""
@@ -196,10 +201,11 @@ def select_blocks_on_grid(
     counts = torch.where(rows < num_cond, n_sel_cond, n_sel).to(torch.int32)  # [M]
     # Noise queries pick among all blocks; cond queries only among cond blocks (spec §2.10), fewer of them,
     # and their unused slots hold M. Not sorted (sorting cost as much as the top-k itself at 704p), only cond
-    # blocks moved first. On CUDA a Triton radix select does it all in two launches (faster than torch.topk:
-    # docs/perf_attention.md); elsewhere torch.topk and a stable partition.
+    # blocks moved first. On CUDA, up to TOPK_KERNEL_MAX_BLOCKS blocks, a Triton radix select does it all in two
+    # launches (faster there than torch.topk, slower above: docs/perf_attention.md); else torch.topk and a
+    # stable partition.
     indices = torch.full_like(scores[..., :n_sel], num_blocks, dtype=torch.int32)  # [B, nh, M, n_sel]
-    if scores.is_cuda:
+    if scores.is_cuda and num_blocks <= TOPK_KERNEL_MAX_BLOCKS:
         from longcat_dist.kernels.bsa_select_triton import topk_blocks_kernel  # imports this module
 
         topk_blocks_kernel(scores, indices, num_cond, n_sel, n_sel_cond)
