@@ -188,6 +188,26 @@ def _cond_count(LIST, count, num_cond_blocks, MAX_SEL: tl.constexpr):
 
 
 @triton.jit
+def _cond_kv_tile(IDX, s, end, KP, VP, KBIAS, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, COND_ROWS: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+    """K, V and key bias of the short cond blocks IDX[s : s + TILE // COND_ROWS] side by side (see _cond_slots);
+    entries of blocks at or past `end` are zero keys with bias -inf."""
+    d = tl.arange(0, HEAD_DIM)
+    slots, listed = _cond_slots(IDX, s, end, BLOCK, COND_ROWS, TILE)
+    k = tl.load(KP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+    v = tl.load(VP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
+    return k, v, tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+
+
+@triton.jit
+def _listed_kv_tile(IDX, s, end, base, KP, VP, KD, VD, KBIAS, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """K, V and key bias of the GROUP blocks IDX[s : s + GROUP] (see _listed_slots and _packed_tile)."""
+    slots, row0, listed = _listed_slots(IDX, s, end, base, BLOCK, GROUP)
+    k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+    v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
+    return k, v, tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+
+
+@triton.jit
 def _fwd_step(q, k, v, k_bias, m_i, l_i, acc, scale_log2, UPCAST_DOT: tl.constexpr):
     """One online-softmax step over a key tile; padded (and unlisted) keys get -inf through the additive bias."""
     qk = _dot(q, tl.trans(k), UPCAST_DOT) * scale_log2 + k_bias[None, :]  # [BLOCK, tile]
@@ -235,16 +255,12 @@ def _fwd_kernel(
     if COND_ROWS < TILE:
         first = _cond_count(IDX, count, cond_tblocks * hblocks * wblocks, MAX_SEL)
         for s in range(0, first, TILE // COND_ROWS):
-            slots, listed = _cond_slots(IDX, s, first, BLOCK, COND_ROWS, TILE)
-            k = tl.load(KP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
-            v = tl.load(VP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
-            k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+            k, v, k_bias = _cond_kv_tile(IDX, s, first, KP, VP, KBIAS, HEAD_DIM, BLOCK, COND_ROWS, TILE)
             m_i, l_i, acc = _fwd_step(q, k, v, k_bias, m_i, l_i, acc, scale_log2, UPCAST_DOT)
     for s in range(first, count, GROUP):
-        slots, row0, listed = _listed_slots(IDX, s, count, base, BLOCK, GROUP)
-        k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
-        v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
-        k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+        k, v, k_bias = _listed_kv_tile(
+            IDX, s, count, base, KP, VP, KD, VD, KBIAS, HEAD_DIM, BLOCK, GROUP, TMA
+        )
         m_i, l_i, acc = _fwd_step(q, k, v, k_bias, m_i, l_i, acc, scale_log2, UPCAST_DOT)
     acc = acc / l_i[:, None]
     tl.store(
@@ -308,16 +324,12 @@ def _dq_kernel(
     if COND_ROWS < TILE:
         first = _cond_count(IDX, count, cond_tblocks * hblocks * wblocks, MAX_SEL)
         for s in range(0, first, TILE // COND_ROWS):
-            slots, listed = _cond_slots(IDX, s, first, BLOCK, COND_ROWS, TILE)
-            k = tl.load(KP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
-            v = tl.load(VP + slots[:, None] * HEAD_DIM + d[None, :], mask=listed[:, None], other=0.0)
-            k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+            k, v, k_bias = _cond_kv_tile(IDX, s, first, KP, VP, KBIAS, HEAD_DIM, BLOCK, COND_ROWS, TILE)
             dq = _dq_step(q, do, k, v, k_bias, lse, delta, dq, scale_log2, UPCAST_DOT)
     for s in range(first, count, GROUP):
-        slots, row0, listed = _listed_slots(IDX, s, count, base, BLOCK, GROUP)
-        k = _packed_tile(KP, KD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
-        v = _packed_tile(VP, VD, slots, row0, listed, HEAD_DIM, GROUP, TMA)
-        k_bias = tl.load(KBIAS + slots, mask=listed, other=float("-inf"))
+        k, v, k_bias = _listed_kv_tile(
+            IDX, s, count, base, KP, VP, KD, VD, KBIAS, HEAD_DIM, BLOCK, GROUP, TMA
+        )
         dq = _dq_step(q, do, k, v, k_bias, lse, delta, dq, scale_log2, UPCAST_DOT)
     dq *= sm_scale
     tl.store(
