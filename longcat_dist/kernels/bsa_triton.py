@@ -459,6 +459,19 @@ def short_cond_rows(grid: BlockGrid) -> int | None:
     return rows if 0 < grid.num_cond_latents and rows < grid.block_size else None
 
 
+def issued_key_tiles(selection: BlockSelection, grid: BlockGrid, launch: Launch) -> torch.Tensor:
+    """Key tiles the forward (or dQ) kernel runs over all (batch, head, q-block) rows, as a 0-d int64 tensor:
+    the short cond blocks TILE // COND_ROWS to a tile, the rest GROUP to a tile (see _selection_kwargs)."""
+    group, cond_rows = _group(grid, launch), short_cond_rows(grid)
+    counts = selection.counts.long()  # [M]
+    if cond_rows is None:
+        return (-(-counts // group)).sum() * selection.indices.shape[0] * selection.indices.shape[1]
+    used = torch.arange(selection.indices.shape[-1], device=counts.device) < counts[:, None]
+    cond = ((selection.indices < grid.num_cond_blocks) & used).sum(-1)  # [B, nh, M]
+    per_tile = group * grid.block_size // cond_rows
+    return (-(-cond // per_tile) + -(-(counts - cond) // group)).sum()
+
+
 def interpreted() -> bool:
     """True when Triton was imported with TRITON_INTERPRET=1 (kernels then run on the CPU, in numpy)."""
     return isinstance(_fwd_kernel, InterpretedFunction)

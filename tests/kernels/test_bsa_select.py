@@ -1,11 +1,13 @@
 """Block geometry, pooling, top-k selection and its transpose (plain torch; no kernels run here)."""
 
+import math
+
 import pytest
 import torch
 
 from longcat_dist.kernels import BlockGrid, num_selected, select_blocks
 from longcat_dist.kernels.bsa_select import pool_blocks
-from longcat_dist.kernels.bsa_triton import cond_unions, transpose_selection
+from longcat_dist.kernels.bsa_triton import Launch, cond_unions, issued_key_tiles, transpose_selection
 
 
 def _explicit_pool(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
@@ -110,6 +112,29 @@ def test_cond_unions_list_each_group_of_short_cond_blocks_once_per_q_block():
     # No union where cond blocks are whole blocks (4 cond frames) or blocks are under 64 tokens.
     assert cond_unions(sel, BlockGrid((7, 6, 10), 4, (4, 4, 4)), head_dim=64) is None
     assert cond_unions(sel, BlockGrid((7, 6, 10), 1, (2, 4, 4)), head_dim=64) is None
+
+
+@pytest.mark.parametrize("tile_tokens", [64, 128])
+def test_issued_key_tiles_count_short_cond_blocks_four_to_a_tile(tile_tokens):
+    grid = BlockGrid((7, 6, 10), num_cond_latents=1, chunk_shape=(4, 4, 4))  # 6 cond blocks of 16 rows
+    q, k = torch.randn(2, 2, 3, grid.num_tokens, 16).unbind(0)
+    sel = select_blocks(q, k, latent_shape=grid.latent_shape, num_cond_latents=1, sparsity=0.5)
+    launch = Launch(tile_tokens, 4, 2)  # 128-token tiles: two blocks, or eight cond blocks, per tile
+    per_tile, group = (4, 1) if tile_tokens == 64 else (8, 2)
+    want = 0
+    for b in range(2):
+        for h in range(3):
+            for m in range(grid.num_blocks):
+                listed = sel.indices[b, h, m, : sel.counts[m]].tolist()
+                cond = sum(j < grid.num_cond_blocks for j in listed)
+                want += math.ceil(cond / per_tile) + math.ceil((len(listed) - cond) / group)
+    assert issued_key_tiles(sel, grid, launch).item() == want
+    # Without cond frames every tile holds GROUP blocks.
+    plain = BlockGrid((7, 6, 10), 0, (4, 4, 4))
+    sel = select_blocks(q, k, latent_shape=plain.latent_shape, sparsity=0.5)
+    assert issued_key_tiles(sel, plain, launch).item() == 6 * plain.num_blocks * math.ceil(
+        sel.counts[0] / group
+    )
 
 
 def test_selection_gets_no_gradient():
