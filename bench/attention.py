@@ -65,7 +65,7 @@ def sweep(q, k, v, grid, selection, do) -> dict[str, dict]:
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    unions = bsa_triton.cond_unions(selection, grid, HEAD_DIM) if bsa_triton.COND_UNIONS else None
+    unions = bsa_triton.backward_unions(selection, grid, HEAD_DIM)
     runs = {
         "FWD_LAUNCH": lambda: bsa_triton.attention_forward(q, k, v, grid, selection)[0],
         "DQ_LAUNCH": lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)[0],
@@ -126,7 +126,7 @@ def kernels_once(name: str) -> None:
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    unions = bsa_triton.cond_unions(selection, grid, HEAD_DIM) if bsa_triton.COND_UNIONS else None
+    unions = bsa_triton.backward_unions(selection, grid, HEAD_DIM)
     bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions)
     torch.cuda.synchronize()
 
@@ -174,7 +174,7 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     )
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    unions = bsa_triton.cond_unions(selection, grid, HEAD_DIM) if bsa_triton.COND_UNIONS else None
+    unions = bsa_triton.backward_unions(selection, grid, HEAD_DIM)
     row["pack_kv_ms"] = time_ms(lambda: bsa_triton.pack_kv(k, v, grid))
     row["dq_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection))
     row["dkdv_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions))

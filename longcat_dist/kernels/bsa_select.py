@@ -210,11 +210,9 @@ def select_blocks_on_grid(
 
         topk_blocks_kernel(scores, indices, num_cond, n_sel, n_sel_cond)
         return BlockSelection(indices, counts)
-    noise_rows = scores[:, :, num_cond:].topk(n_sel, dim=-1, sorted=False).indices
+    indices[:, :, num_cond:] = scores[:, :, num_cond:].topk(n_sel, dim=-1, sorted=False).indices
     if num_cond:
-        noise_rows = _cond_first(noise_rows, num_cond)
-    indices[:, :, num_cond:] = noise_rows
-    if num_cond:
+        indices[:, :, num_cond:] = _cond_first(indices[:, :, num_cond:], num_cond)
         cond_scores = scores[:, :, :num_cond, :num_cond]
         indices[:, :, :num_cond, :n_sel_cond] = cond_scores.topk(n_sel_cond, dim=-1, sorted=False).indices
     return BlockSelection(indices, counts)

@@ -554,8 +554,7 @@ def attention_backward(
     """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
     dq, rows = backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = transpose_selection(selection, grid.num_blocks)
-    unions = cond_unions(selection, grid, q.shape[-1]) if COND_UNIONS else None
-    dk, dv = backward_dkdv(k, v, rows, grid, transposed, unions)
+    dk, dv = backward_dkdv(k, v, rows, grid, transposed, backward_unions(selection, grid, q.shape[-1]))
     return dq, dk, dv
 
 
@@ -643,6 +642,11 @@ class CondUnions(NamedTuple):
     bits: torch.Tensor
     offsets: torch.Tensor
     cond_rows: int
+
+
+def backward_unions(selection: BlockSelection, grid: BlockGrid, head_dim: int) -> CondUnions | None:
+    """What attention_backward hands backward_dkdv: cond_unions while COND_UNIONS is on, else None."""
+    return cond_unions(selection, grid, head_dim) if COND_UNIONS else None
 
 
 def cond_unions(selection: BlockSelection, grid: BlockGrid, head_dim: int) -> CondUnions | None:
