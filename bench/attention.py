@@ -65,11 +65,10 @@ def sweep(q, k, v, grid, selection, do) -> dict[str, dict]:
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    unions = bsa_triton.backward_unions(selection, grid, HEAD_DIM)
     runs = {
         "FWD_LAUNCH": lambda: bsa_triton.attention_forward(q, k, v, grid, selection)[0],
         "DQ_LAUNCH": lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)[0],
-        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions)),
+        "DKDV_LAUNCH": lambda: torch.cat(bsa_triton.backward_dkdv(k, v, rows, grid, transposed)),
     }
     report = {}
     for table, run in runs.items():
@@ -114,7 +113,6 @@ def select_breakdown(q, k, grid) -> dict[str, float]:
             lambda: topk_blocks_kernel(scores, picked, grid.num_cond_blocks, n_sel, n_sel_cond)
         ),
         transpose_ms=time_ms(lambda: bsa_triton.transpose_selection(selection, grid.num_blocks)),
-        unions_ms=time_ms(lambda: bsa_triton.cond_unions(selection, grid, HEAD_DIM)),
         pool_kernel_err=_rel_err(pool_blocks_kernel(q, grid), qp),
     )
 
@@ -126,8 +124,7 @@ def kernels_once(name: str) -> None:
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    unions = bsa_triton.backward_unions(selection, grid, HEAD_DIM)
-    bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions)
+    bsa_triton.backward_dkdv(k, v, rows, grid, transposed)
     torch.cuda.synchronize()
 
 
@@ -161,7 +158,6 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     )
     if do_sweep:
         row["sweep"] = sweep(q, k, v, grid, selection, do)
-    row["cond_unions"] = bsa_triton.COND_UNIONS
     row["launch"] = {
         t: tuple(getattr(bsa_triton, t)[HEAD_DIM]) for t in ("FWD_LAUNCH", "DQ_LAUNCH", "DKDV_LAUNCH")
     }
@@ -174,10 +170,9 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     )
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    unions = bsa_triton.backward_unions(selection, grid, HEAD_DIM)
     row["pack_kv_ms"] = time_ms(lambda: bsa_triton.pack_kv(k, v, grid))
     row["dq_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection))
-    row["dkdv_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dkdv(k, v, rows, grid, transposed, unions))
+    row["dkdv_kernel_ms"] = time_ms(lambda: bsa_triton.backward_dkdv(k, v, rows, grid, transposed))
     kw = dict(latent_shape=latent_shape, num_cond_latents=n_cond, sparsity=SPARSITY)
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     row["bsa_fwd_ms"] = time_ms(lambda: block_sparse_attention(q, k, v, **kw))
@@ -187,11 +182,11 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     row["bsa_fwd_tflops"] = bsa_fwd_flops / row["fwd_kernel_ms"] / 1e9
     row["bsa_bwd_tflops"] = 2.5 * bsa_fwd_flops / row["bwd_kernel_ms"] / 1e9
     # What the kernels issue: short cond blocks share key tiles in the forward and dQ, and the backward runs
-    # 7 matmuls per tile (3 in dQ, 4 in dK/dV, every pair unless COND_UNIONS) where the 2.5x convention counts 5.
+    # 7 matmuls per tile (3 in dQ, 4 in dK/dV, every pair) where the 2.5x convention counts 5.
     issued = bsa_triton.issued_key_tiles(selection, grid, bsa_triton.FWD_LAUNCH[HEAD_DIM]).item() / pairs
     row["issued_tile_fraction"] = issued
     row["bsa_fwd_tflops_issued"] = row["bsa_fwd_tflops"] * issued
-    bwd_issued = float("nan") if bsa_triton.COND_UNIONS else (3 * issued + 4) / 5
+    bwd_issued = (3 * issued + 4) / 5
     row["bsa_bwd_tflops_issued"] = row["bsa_bwd_tflops"] * bwd_issued
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION) if dense else ():
@@ -222,7 +217,7 @@ def smooth_field(latent_shape: tuple[int, int, int], gen: torch.Generator) -> to
 def print_table(rows: list[dict]) -> None:
     cols = [
         ("shape", "{}"), ("data", "{}"), ("tokens", "{}"), ("pairs", "{}"), ("select_ms", "{:.2f}"), ("pool_torch_ms", "{:.2f}"),
-        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("topk_kernel_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("unions_ms", "{:.2f}"), ("pack_kv_ms", "{:.2f}"),
+        ("pool_kernel_ms", "{:.2f}"), ("topk_ms", "{:.2f}"), ("topk_kernel_ms", "{:.2f}"), ("transpose_ms", "{:.2f}"), ("pack_kv_ms", "{:.2f}"),
         ("fwd_kernel_ms", "{:.2f}"),
         ("bwd_kernel_ms", "{:.2f}"), ("dq_kernel_ms", "{:.2f}"), ("dkdv_kernel_ms", "{:.2f}"), ("bsa_fwd_ms", "{:.2f}"), ("bsa_fwdbwd_ms", "{:.2f}"),
         ("bsa_fwd_tflops", "{:.0f}"), ("bsa_bwd_tflops", "{:.0f}"),
@@ -253,13 +248,7 @@ def main() -> None:
         action="store_true",
         help="launch each kernel once at the first shape (for ncu), no timing",
     )
-    parser.add_argument(
-        "--cond-unions",
-        action="store_true",
-        help="dK/dV of short cond k-blocks four to a program (bsa_triton.COND_UNIONS)",
-    )
     args = parser.parse_args()
-    bsa_triton.COND_UNIONS = args.cond_unions
     if args.kernels_once:
         return kernels_once(args.shapes.split(",")[0])
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", bsa_triton.triton.__version__)

@@ -64,11 +64,6 @@ DKDV_LAUNCH = {32: Launch(64, 4, 2), 64: Launch(64, 4, 2), 128: Launch(64, 4, 2)
 
 _LOG2E = 1.4426950408889634
 
-# dK/dV of short cond k-blocks four to a program over the union of their q-lists (cond_unions). Off by default:
-# it matches the reference on the CPU and the GPU and passes compute-sanitizer, but has not been timed yet
-# (`bench/attention.py --cond-unions` times it; docs/perf_attention.md).
-COND_UNIONS = False
-
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
@@ -341,35 +336,25 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    K, V, QP, DOP, QD, DOD, LSEP, DELTAP, DK, DV, QLIST, QBITS, QOFFSETS, scale_log2, sm_scale,
+    K, V, QP, DOP, QD, DOD, LSEP, DELTAP, DK, DV, QLIST, QOFFSETS, scale_log2, sm_scale,
     s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_gkb, s_gkh, s_gkn, s_gvb, s_gvh, s_gvn, pairs_per_head,
-    nh, block0, num_blocks, num_lists, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
+    nh, T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, CHUNK_T: tl.constexpr, CHUNK_H: tl.constexpr,
-    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr, COND_ROWS: tl.constexpr,
+    CHUNK_W: tl.constexpr, UPCAST_DOT: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV over the listed q-blocks, GROUP at a time.
+    """dK and dV of one k-block over the q-blocks that selected it (the transposed selection), GROUP at a time.
 
-    COND_ROWS == BLOCK: one k-block (block0 + program id) over the q-blocks that selected it (the transposed
-    selection). COND_ROWS < BLOCK: BLOCK // COND_ROWS short cond k-blocks side by side, the first COND_ROWS rows
-    of each, over the union of their q-lists (see cond_unions); QBITS says which of them each q-block selected,
-    and the others' rows are masked for it. Each Q/dO tile is then loaded once for all of them."""
+    Grid (k-blocks, B·nh): the programs in flight share one or two heads, whose Q/dO copies then stay in L2; with
+    heads fastest dK/dV is 28 % slower (docs/perf_attention.md)."""
     BLOCK: tl.constexpr = CHUNK_T * CHUNK_H * CHUNK_W
-    program = tl.program_id(0)
+    kblock = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // nh).to(tl.int64)
     h = (bh % nh).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    local = tl.arange(0, BLOCK)
+    num_blocks = tl.num_programs(0)
     geometry = (T, Hp, Wp, n_cond, cond_tblocks, hblocks, wblocks)
-    if COND_ROWS < BLOCK:
-        tl.static_assert(GROUP == 1)
-        kblock = program * (BLOCK // COND_ROWS) + local // COND_ROWS  # per row
-        k_rows, k_valid = block_rows(kblock, local % COND_ROWS, *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
-        k_valid = k_valid & (kblock < cond_tblocks * hblocks * wblocks)  # the last group may be short
-        QOFFSETS += bh.to(tl.int64) * (num_lists + 1) + program
-    else:
-        k_rows, k_valid = block_rows(block0 + program, local, *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
-        QOFFSETS += bh.to(tl.int64) * (num_lists + 1) + block0 + program
+    k_rows, k_valid = block_rows(kblock, tl.arange(0, BLOCK), *geometry, CHUNK_T, CHUNK_H, CHUNK_W)
     rows = k_rows[:, None]
     k = tl.load(K + b * s_kb + h * s_kh + rows * s_kn + d[None, :], mask=k_valid[:, None], other=0.0)
     v = tl.load(V + b * s_vb + h * s_vh + rows * s_vn + d[None, :], mask=k_valid[:, None], other=0.0)
@@ -379,7 +364,7 @@ def _dkdv_kernel(
     LSEP += base * BLOCK
     DELTAP += base * BLOCK
     QLIST += bh.to(tl.int64) * pairs_per_head
-    QBITS += bh.to(tl.int64) * pairs_per_head
+    QOFFSETS += bh.to(tl.int64) * (num_blocks + 1) + kblock
     end = tl.load(QOFFSETS + 1)
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
@@ -392,9 +377,6 @@ def _dkdv_kernel(
         lse = tl.load(LSEP + slots, mask=listed, other=float("inf"))
         delta = tl.load(DELTAP + slots, mask=listed, other=0.0)
         s_t = _dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :]  # [BLOCK, GROUP·BLOCK]
-        if COND_ROWS < BLOCK:
-            picked = (tl.load(QBITS + i) >> (local // COND_ROWS)) & 1
-            s_t += tl.where(picked != 0, 0.0, float("-inf"))[:, None]
         p_t = tl.math.exp2(s_t)
         dv += _dot(p_t.to(do.dtype), do, UPCAST_DOT)
         dp_t = _dot(v, tl.trans(do), UPCAST_DOT)
@@ -554,7 +536,7 @@ def attention_backward(
     """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
     dq, rows = backward_dq(do, q, k, v, o, lse, grid, selection)
     transposed = transpose_selection(selection, grid.num_blocks)
-    dk, dv = backward_dkdv(k, v, rows, grid, transposed, backward_unions(selection, grid, q.shape[-1]))
+    dk, dv = backward_dkdv(k, v, rows, grid, transposed)
     return dq, dk, dv
 
 
@@ -600,81 +582,21 @@ def backward_dkdv(
     rows: PackedRows,
     grid: BlockGrid,
     transposed: tuple[torch.Tensor, torch.Tensor],
-    unions: CondUnions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the dK/dV kernel over the transposed selection (see transpose_selection) and the block-major rows
-    of backward_dq; with `unions` (see cond_unions), the short cond k-blocks in a launch of their own, several
-    per program. Returns dK, dV."""
+    of backward_dq; returns dK, dV."""
     B, nh, N, hd = k.shape
     sm_scale = 1.0 / math.sqrt(hd)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     q_list, q_offsets = transposed
-    M, M_cond = grid.num_blocks, grid.num_cond_blocks
     kwargs = _launch_kwargs(grid, hd, DKDV_LAUNCH[hd], k.device)
-    args = (
+    _dkdv_kernel[(grid.num_blocks, B * nh)](
         k, v, rows.q, rows.do, *_descriptors(rows.q, rows.do, grid, kwargs["TMA"]), rows.lse, rows.delta, dk, dv,
+        q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
+        *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], q_list.shape[-1],
+        nh, *geometry_args(grid), **kwargs,
     )  # fmt: skip
-    strides = (*k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], *dv.stride()[:3])
-    scales = (sm_scale * _LOG2E, sm_scale)
-    # (lists, bits, offsets, first k-block, programs, lists per head, rows of a k-block in the tile)
-    launches = [(q_list, q_list, q_offsets, 0, M, M, grid.block_size)]
-    if unions is not None:
-        groups = unions.offsets.shape[-1] - 1
-        launches = [
-            (unions.q_list, unions.bits, unions.offsets, 0, groups, groups, unions.cond_rows),
-            (q_list, q_list, q_offsets, M_cond, M - M_cond, M, grid.block_size),
-        ]
-    for lists, bits, offsets, block0, programs, num_lists, cond_rows in launches:
-        if programs:
-            _dkdv_kernel[(programs, B * nh)](
-                *args, lists, bits, offsets, *scales, *strides, lists.shape[-1],
-                nh, block0, M, num_lists, *geometry_args(grid), COND_ROWS=cond_rows, **kwargs,
-            )  # fmt: skip
     return dk, dv
-
-
-class CondUnions(NamedTuple):
-    """The union of the q-lists of each group of `per` short cond k-blocks (BLOCK // cond_rows of them), as CSR
-    per (batch, head): q_list and bits [B·nh, G·M] int32 (bit j: the q-block selected the group's j-th block),
-    offsets [B·nh, G + 1] int32."""
-
-    q_list: torch.Tensor
-    bits: torch.Tensor
-    offsets: torch.Tensor
-    cond_rows: int
-
-
-def backward_unions(selection: BlockSelection, grid: BlockGrid, head_dim: int) -> CondUnions | None:
-    """What attention_backward hands backward_dkdv: cond_unions while COND_UNIONS is on, else None."""
-    return cond_unions(selection, grid, head_dim) if COND_UNIONS else None
-
-
-def cond_unions(selection: BlockSelection, grid: BlockGrid, head_dim: int) -> CondUnions | None:
-    """The q-lists of the short cond k-blocks, grouped so that one dK/dV program covers BLOCK // cond_rows of
-    them and loads each q-block's Q/dO tile once for all; None where cond blocks are not short or the loop steps
-    over two blocks (blocks under 64 tokens)."""
-    cond_rows = short_cond_rows(grid)
-    if cond_rows is None or _group(grid, DKDV_LAUNCH[head_dim]) != 1:
-        return None
-    B, nh, M, n_sel = selection.indices.shape
-    per, M_cond = grid.block_size // cond_rows, grid.num_cond_blocks
-    groups = -(-M_cond // per)
-    idx = selection.indices.view(B * nh, M, n_sel).long()
-    used = torch.arange(n_sel, device=idx.device) < selection.counts[:, None].long()  # [M, n_sel]
-    idx = torch.where(used & (idx < M_cond), idx, groups * per)  # everything else into a dummy group
-    bits = torch.zeros(B * nh, M, groups + 1, dtype=torch.int32, device=idx.device)
-    bits.scatter_add_(-1, idx // per, (1 << (idx % per)).to(torch.int32))  # ids are distinct per row: an OR
-    bits = bits[..., :groups].transpose(1, 2).reshape(B * nh, groups * M)  # (group, q-block) order
-    group = torch.arange(groups * M, device=idx.device) // M
-    key = torch.where(bits != 0, group, groups)
-    key_sorted, order = torch.sort(key, dim=-1, stable=True)  # stable: q-blocks stay ascending per group
-    bounds = torch.arange(groups + 1, device=idx.device).expand(B * nh, -1).contiguous()
-    return CondUnions(
-        (order % M).to(torch.int32),
-        bits.gather(-1, order),
-        torch.searchsorted(key_sorted, bounds).to(torch.int32),
-        cond_rows,
-    )
 
 
 def transpose_selection(selection: BlockSelection, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:

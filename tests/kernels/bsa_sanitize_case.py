@@ -1,10 +1,10 @@
 """Small block-sparse attention cases, forward and backward, for compute-sanitizer (test_bsa_gpu runs this file
 under it): a ragged grid with a cond split at head dim 128 (TMA loads of 64-token blocks) and 32-token blocks
-two to a loop step (plain loads, a half-empty last step); the first again with dK/dV over cond-block unions."""
+two to a loop step (plain loads, a half-empty last step)."""
 
 import torch
 
-from longcat_dist.kernels import block_sparse_attention, bsa_triton
+from longcat_dist.kernels import block_sparse_attention
 
 CASES = [
     (2, 2, 128, (5, 6, 7), dict(num_cond_latents=1, sparsity=0.5)),
@@ -12,8 +12,7 @@ CASES = [
 ]
 
 if __name__ == "__main__":
-    for case, (batch, heads, head_dim, latent_shape, kwargs) in enumerate(CASES + CASES[:1]):
-        bsa_triton.COND_UNIONS = case == len(CASES)  # the first case again, dK/dV over cond-block unions
+    for batch, heads, head_dim, latent_shape, kwargs in CASES:
         n = latent_shape[0] * latent_shape[1] * latent_shape[2]
         q, k, v = (
             torch.randn(batch, heads, n, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()

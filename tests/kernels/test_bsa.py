@@ -46,22 +46,6 @@ def test_every_loop_tile_width_matches_reference(monkeypatch, tile_tokens):
     assert_matches_reference(1, 2, 32, (7, 5, 6), BF16, DEVICE, **kw)
 
 
-@pytest.mark.parametrize(
-    "latent_shape, kwargs",
-    [
-        # 1 cond frame: four 16-row cond blocks per dK/dV program; 2x2 cond blocks, one full group.
-        ((5, 6, 7), dict(num_cond_latents=1, sparsity=0.5)),
-        # 2x3 = 6 cond blocks: groups of 4 and 2 (the last one short); force_diagonal.
-        ((6, 5, 10), dict(num_cond_latents=1, sparsity=0.6, force_diagonal=True)),
-        # 2 cond frames: 32-row cond blocks, two per program.
-        ((7, 5, 4), dict(num_cond_latents=2, sparsity=0.6)),
-    ],
-)
-def test_dkdv_over_unions_of_cond_blocks_matches_reference(monkeypatch, latent_shape, kwargs):
-    monkeypatch.setattr(bsa_triton, "COND_UNIONS", True)
-    assert_matches_reference(1, 2, 64, latent_shape, BF16, DEVICE, **kwargs)
-
-
 def test_pool_kernel_matches_torch_pooling():
     grid = BlockGrid((7, 5, 6), num_cond_latents=2, chunk_shape=(4, 4, 4))
     x = torch.randn(2, 3, 210, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE, BF16)

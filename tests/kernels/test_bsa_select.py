@@ -7,7 +7,7 @@ import torch
 
 from longcat_dist.kernels import BlockGrid, num_selected, select_blocks
 from longcat_dist.kernels.bsa_select import pool_blocks
-from longcat_dist.kernels.bsa_triton import Launch, cond_unions, issued_key_tiles, transpose_selection
+from longcat_dist.kernels.bsa_triton import Launch, issued_key_tiles, transpose_selection
 
 
 def _explicit_pool(x: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
@@ -86,32 +86,6 @@ def test_transposed_selection_lists_every_pair_once():
             assert members == sorted(members)
             got += [(j, m) for m in members]
         assert len(got) == len(want) and set(got) == want
-
-
-def test_cond_unions_list_each_group_of_short_cond_blocks_once_per_q_block():
-    # 1 cond frame on a 6x10 grid: 2x3 = 6 cond blocks of 16 real rows, grouped 4 + 2 (the last group short).
-    grid = BlockGrid((7, 6, 10), num_cond_latents=1, chunk_shape=(4, 4, 4))
-    q, k = torch.randn(2, 2, 3, grid.num_tokens, 16).unbind(0)
-    sel = select_blocks(q, k, latent_shape=grid.latent_shape, num_cond_latents=1, sparsity=0.5)
-    unions = cond_unions(sel, grid, head_dim=64)
-    assert unions.cond_rows == 16 and unions.offsets.shape == (6, 3)  # two groups of up to 4 blocks
-    for bh in range(6):
-        b, h = divmod(bh, 3)
-        want = {}  # (group, q-block) -> bits of the group's blocks it selected
-        for m in range(grid.num_blocks):
-            for j in sel.indices[b, h, m, : sel.counts[m]].tolist():
-                if j < grid.num_cond_blocks:
-                    want[(j // 4, m)] = want.get((j // 4, m), 0) | 1 << (j % 4)
-        got = {}
-        for g in range(2):
-            lo, hi = unions.offsets[bh, g].item(), unions.offsets[bh, g + 1].item()
-            members = unions.q_list[bh, lo:hi].tolist()
-            assert members == sorted(members) and len(set(members)) == len(members)
-            got |= {(g, m): bit for m, bit in zip(members, unions.bits[bh, lo:hi].tolist())}
-        assert got == want
-    # No union where cond blocks are whole blocks (4 cond frames) or blocks are under 64 tokens.
-    assert cond_unions(sel, BlockGrid((7, 6, 10), 4, (4, 4, 4)), head_dim=64) is None
-    assert cond_unions(sel, BlockGrid((7, 6, 10), 1, (2, 4, 4)), head_dim=64) is None
 
 
 @pytest.mark.parametrize("tile_tokens", [64, 128])
