@@ -123,8 +123,7 @@ def kernels_once(name: str) -> None:
     selection = select_blocks_on_grid(q, k, grid, SPARSITY, False)
     o, lse = bsa_triton.attention_forward(q, k, v, grid, selection)
     _, rows = bsa_triton.backward_dq(do, q, k, v, o, lse, grid, selection)
-    transposed = bsa_triton.transpose_selection(selection, grid.num_blocks)
-    bsa_triton.backward_dkdv(k, v, rows, grid, transposed)
+    bsa_triton.backward_dkdv(k, v, rows, grid, bsa_triton.transpose_selection(selection, grid.num_blocks))
     torch.cuda.synchronize()
 
 
@@ -186,8 +185,7 @@ def bench_shape(name: str, do_sweep: bool, dense: bool, data: str) -> dict:
     issued = bsa_triton.issued_key_tiles(selection, grid, bsa_triton.FWD_LAUNCH[HEAD_DIM]).item() / pairs
     row["issued_tile_fraction"] = issued
     row["bsa_fwd_tflops_issued"] = row["bsa_fwd_tflops"] * issued
-    bwd_issued = (3 * issued + 4) / 5
-    row["bsa_bwd_tflops_issued"] = row["bsa_bwd_tflops"] * bwd_issued
+    row["bsa_bwd_tflops_issued"] = row["bsa_bwd_tflops"] * (3 * issued + 4) / 5
     sdpa = torch.nn.functional.scaled_dot_product_attention
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION) if dense else ():
         label = backend.name.split("_")[0].lower()

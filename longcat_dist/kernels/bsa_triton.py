@@ -376,8 +376,9 @@ def _dkdv_kernel(
         # Padded k rows are never stored, so they need no mask here.
         lse = tl.load(LSEP + slots, mask=listed, other=float("inf"))
         delta = tl.load(DELTAP + slots, mask=listed, other=0.0)
-        s_t = _dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :]  # [BLOCK, GROUP·BLOCK]
-        p_t = tl.math.exp2(s_t)
+        p_t = tl.math.exp2(
+            _dot(k, tl.trans(q), UPCAST_DOT) * scale_log2 - lse[None, :]
+        )  # [BLOCK, GROUP·BLOCK]
         dv += _dot(p_t.to(do.dtype), do, UPCAST_DOT)
         dp_t = _dot(v, tl.trans(do), UPCAST_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -535,8 +536,7 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
     dq, rows = backward_dq(do, q, k, v, o, lse, grid, selection)
-    transposed = transpose_selection(selection, grid.num_blocks)
-    dk, dv = backward_dkdv(k, v, rows, grid, transposed)
+    dk, dv = backward_dkdv(k, v, rows, grid, transpose_selection(selection, grid.num_blocks))
     return dq, dk, dv
 
 
@@ -591,8 +591,8 @@ def backward_dkdv(
     q_list, q_offsets = transposed
     kwargs = _launch_kwargs(grid, hd, DKDV_LAUNCH[hd], k.device)
     _dkdv_kernel[(grid.num_blocks, B * nh)](
-        k, v, rows.q, rows.do, *_descriptors(rows.q, rows.do, grid, kwargs["TMA"]), rows.lse, rows.delta, dk, dv,
-        q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
+        k, v, rows.q, rows.do, *_descriptors(rows.q, rows.do, grid, kwargs["TMA"]), rows.lse, rows.delta,
+        dk, dv, q_list, q_offsets, sm_scale * _LOG2E, sm_scale,
         *k.stride()[:3], *v.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], q_list.shape[-1],
         nh, *geometry_args(grid), **kwargs,
     )  # fmt: skip
