@@ -14,7 +14,7 @@ for part in $parts; do
   case $part in
     tests) { timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/model
              timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_model_bsa.py; } > "$out/tests.txt" 2>&1 ;;
-    attention) timeout 150 python3 bench/attention.py --shapes train,704x24 --out "$out" > "$out/attention.txt" 2>&1 ;;
+    attention) timeout 240 python3 bench/attention.py --shapes train,704x24 --out "$out" > "$out/attention.txt" 2>&1 ;;
     linear) timeout 120 python3 bench/linear.py --parts --json "$out/linear.json" > "$out/linear.txt" 2>&1 ;;
     step) { timeout 300 python3 bench/step.py --json "$out/step.json" \
               --rows sdpa-bf16,sdpa-fp8,bsa-bf16,bsa-fp8,bsa-fp8-ckpt2,bsa-bf16-zero3
@@ -29,11 +29,14 @@ for part in $parts; do
                timeout 150 python3 bench/profile_step.py --rows bsa-fp8 --fused --png "$out/step_breakdown_fused.png" \
                  --json "$out/profile_fused.json"; } > "$out/profile.txt" 2>&1 ;;
     # The largest clips, measured at full depth under a 79 GiB allocator cap (what an 80 GB H100 leaves): 720x1280x93
-    # (latent 24x90x160), then 480x832 at 253, 261 and 269 frames (latent T 64, 66, 68; 269 runs out of memory).
-    sizes) for latent in 24,90,160 64,60,104 66,60,104 68,60,104; do
-             timeout 150 python3 bench/step.py --rows bsa-fp8 --latent $latent --depths 48 --steps 1 --warmup 1 \
-               --memory-cap-gib 79 --json "$out/size_${latent//,/x}.json"
-           done > "$out/sizes.txt" 2>&1 ;;
+    # (latent 24x90x160), then 480x832 at 253, 261 and 269 frames (latent T 64, 66, 68; 269 runs out of memory);
+    # 261 frames again without the kept K/V copies of the recompute (gradient_checkpointing_keep_kv_copies).
+    sizes) { for latent in 24,90,160 64,60,104 66,60,104 68,60,104; do
+               timeout 150 python3 bench/step.py --rows bsa-fp8 --latent $latent --depths 48 --steps 1 --warmup 1 \
+                 --memory-cap-gib 79 --json "$out/size_${latent//,/x}.json"
+             done
+             timeout 150 python3 bench/step.py --rows bsa-fp8 --latent 66,60,104 --depths 48 --steps 1 --warmup 1 \
+               --memory-cap-gib 79 --no-keep-kv-copies --json "$out/size_66x60x104_repack.json"; } > "$out/sizes.txt" 2>&1 ;;
     # Several GPUs of one host (nvidia-h200-x2/x4/x8): Ray Train + DeepSpeed over NCCL, 1..N workers. Not in the
     # default parts: pass `scaling` explicitly on a multi-GPU kind.
     scaling) gpus=$(nvidia-smi -L | wc -l); counts=$(python3 -c "print(','.join(str(n) for n in (1, 2, 4, 8) if n <= $gpus))")

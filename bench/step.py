@@ -92,7 +92,7 @@ def prepare_row(args, name: str, depth: int):
     model.requires_grad_(False)
     inject_lora(model, rank=8, alpha=8, targets=("qkv", "proj", "q_linear", "kv_linear"))
     model.set_attention_backend(backend, BSAParams() if backend == "bsa" else None)
-    model.enable_gradient_checkpointing(interval, save_attention=save_attention)
+    model.enable_gradient_checkpointing(interval, save_attention=save_attention, keep_kv_copies=args.keep_kv_copies)
     model.set_fused_elementwise(args.fused)
     model.train()
     config = deepspeed_config(
@@ -156,6 +156,10 @@ def step_arguments(parser: argparse.ArgumentParser, rows: str, steps: int) -> No
         "--memory-cap-gib", type=float,
         help="cap the allocator at this many GiB (79 = what an 80 GB H100 leaves after the CUDA context), so a "
              "larger GPU answers whether a clip fits a smaller one: a clip that does not fit raises out-of-memory",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep-kv-copies", action=argparse.BooleanOptionalAction, default=True,
+        help="the BSA recompute keeps its K/V copies for the backward (gradient_checkpointing_keep_kv_copies)",
     )  # fmt: skip
     parser.add_argument(
         "--fused", action=argparse.BooleanOptionalAction, default=True,

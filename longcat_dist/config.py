@@ -136,6 +136,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     gradient_checkpointing_interval: int = 1
     gradient_checkpointing_save_attention: bool = False  # keep self-attention outputs, dense or BSA (speed for memory)
+    gradient_checkpointing_keep_kv_copies: bool = True  # BSA recompute keeps its K/V copies for the backward
     mixed_precision: Literal["bf16", "fp32", "auto"] = "bf16"
     max_train_steps: int | None = None  # None (or 0 in the file): train num_train_epochs epochs
     num_train_epochs: int = 1

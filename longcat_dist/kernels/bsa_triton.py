@@ -496,15 +496,15 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel; returns Out [B, nh, N, hd] (a view of token-major storage, see
     forward_token_major) and the base-2 lse [B·nh, N] float32."""
-    out, lse = forward_token_major(q, k, v, grid, selection)
+    out, lse, _ = forward_token_major(q, k, v, grid, selection)
     return out.transpose(1, 2), lse
 
 
 def forward_token_major(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: BlockGrid, selection: BlockSelection
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack K/V, launch the forward kernel; returns Out token-major [B, N, nh, hd] and the base-2 lse [B·nh, N]
-    float32.
+) -> tuple[torch.Tensor, torch.Tensor, PackedKV]:
+    """Pack K/V, launch the forward kernel; returns Out token-major [B, N, nh, hd], the base-2 lse [B·nh, N]
+    float32 and the K/V copies (which the backward can take instead of packing again).
 
     Token-major, so the model's merge of the heads before the output projection is a view, not a strided copy.
     """
@@ -521,7 +521,7 @@ def forward_token_major(
         selection.counts, _LOG2E / math.sqrt(hd), *q.stride()[:3], *o.stride()[:3], *idx.stride()[:3],
         nh, N, *geometry_args(grid), **kwargs,
     )  # fmt: skip
-    return out, lse
+    return out, lse, packed
 
 
 def attention_backward(
@@ -533,9 +533,11 @@ def attention_backward(
     lse: torch.Tensor,
     grid: BlockGrid,
     selection: BlockSelection,
+    packed: PackedKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype."""
-    dq, rows = backward_dq(do, q, k, v, o, lse, grid, selection)
+    """Launch the dQ then the dK/dV kernel; returns dQ, dK, dV in the inputs' dtype. packed: the forward's K/V
+    copies, if it kept them."""
+    dq, rows = backward_dq(do, q, k, v, o, lse, grid, selection, packed)
     dk, dv = backward_dkdv(k, v, rows, grid, transpose_selection(selection, grid.num_blocks))
     return dq, dk, dv
 
@@ -549,9 +551,10 @@ def backward_dq(
     lse: torch.Tensor,
     grid: BlockGrid,
     selection: BlockSelection,
+    packed: PackedKV | None = None,
 ) -> tuple[torch.Tensor, PackedRows]:
-    """Pack K/V again (cheaper than keeping the forward's copies alive), launch the dQ kernel; returns dQ and
-    the block-major rows the dK/dV kernel loops over."""
+    """Pack K/V again unless `packed` holds the forward's copies, launch the dQ kernel; returns dQ and the
+    block-major rows the dK/dV kernel loops over."""
     B, nh, N, hd = q.shape
     sm_scale = 1.0 / math.sqrt(hd)
     # q's strides where q is dense, else contiguous: the kernel addresses dq by its own strides.
@@ -563,7 +566,8 @@ def backward_dq(
         lse.new_empty(num_rows),
         lse.new_empty(num_rows),
     )
-    packed = pack_kv(k, v, grid)
+    if packed is None:
+        packed = pack_kv(k, v, grid)
     idx = selection.indices
     launch = DQ_LAUNCH[hd]
     kwargs = _launch_kwargs(grid, hd, launch, q.device) | _selection_kwargs(grid, selection, launch)
@@ -603,8 +607,19 @@ def transpose_selection(selection: BlockSelection, num_blocks: int) -> tuple[tor
     """For each k-block, the ascending q-blocks that selected it, as CSR per (batch, head), without host sync.
 
     Returns q_list [B·nh, M·n_sel] int32 and offsets [B·nh, M+1] int32: k-block j's q-blocks are
-    q_list[bh, offsets[bh, j]:offsets[bh, j+1]]. Unused slots (value M) sort to the end and are never reached.
+    q_list[bh, offsets[bh, j]:offsets[bh, j+1]]; entries past offsets[bh, M] are never read. On CUDA a bitmap
+    kernel (bsa_select_triton.transpose_selection_kernel, the same lists), else a sort: unused slots (value M)
+    sort to the end.
     """
+    if selection.indices.is_cuda:
+        from longcat_dist.kernels.bsa_select_triton import transpose_selection_kernel  # imports this module
+
+        return transpose_selection_kernel(selection.indices, selection.counts, num_blocks)
+    return transpose_by_sort(selection, num_blocks)
+
+
+def transpose_by_sort(selection: BlockSelection, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transpose_selection by a stable sort of the pairs by k-block (any device)."""
     B, nh, _, n_sel = selection.indices.shape
     pairs = selection.indices.reshape(B * nh, num_blocks * n_sel)  # k-block of pair (m, s) at m·n_sel + s
     k_sorted, order = torch.sort(pairs, dim=-1, stable=True)  # stable: q-blocks stay ascending per k-block

@@ -41,11 +41,15 @@ class AttentionSettings:
 
     The fused kernels are off in the model by default, so that it reproduces the official numerics bit for bit;
     training turns them on (config `fused_elementwise`, default true): they differ from the torch code in at most
-    one bf16 ulp of a term on 2e-5 of the elements and cut ~65 ms of a 207 ms block step (docs/PERFORMANCE.md)."""
+    one bf16 ulp of a term on 2e-5 of the elements and cut ~65 ms of a 207 ms block step (docs/PERFORMANCE.md).
+
+    keep_packed_kv: the block-sparse backward reuses the forward's K/V copies (see block_sparse_attention); the
+    DiT sets it for the blocks whose checkpoint recomputes attention, where those copies live only briefly."""
 
     backend: str = "auto"
     bsa: BSAParams = BSAParams()
     fused_elementwise: bool = False
+    keep_packed_kv: bool = False
 
 
 def resolve_backend(name: str, bsa: BSAParams | None = None) -> AttentionSettings:
@@ -167,6 +171,7 @@ def self_attention(
             num_cond_latents=num_cond_tokens // (height * width),
             sparsity=settings.bsa.sparsity,
             chunk_shape=settings.bsa.chunk_shape,
+            keep_packed_kv=settings.keep_packed_kv,
         )
     backend = "xformers" if settings.backend == "xformers" else "sdpa"
     _SELF_ATTENTION_DEPTH[0] += 1

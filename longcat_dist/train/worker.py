@@ -68,7 +68,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
     model.set_fused_elementwise(cfg.fused_elementwise)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing(
-            cfg.gradient_checkpointing_interval, save_attention=cfg.gradient_checkpointing_save_attention
+            cfg.gradient_checkpointing_interval,
+            save_attention=cfg.gradient_checkpointing_save_attention,
+            keep_kv_copies=cfg.gradient_checkpointing_keep_kv_copies,
         )
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: identical on every rank
     lora.inject_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,

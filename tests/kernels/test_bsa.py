@@ -1,5 +1,7 @@
 """Block-sparse attention kernel vs the dense fp32 reference, at tiny sizes (Triton interpreter on CPU)."""
 
+import math
+
 import pytest
 import torch
 from bsa_checks import TOLERANCE, assert_matches_reference, random_qkv, relative_error
@@ -11,7 +13,11 @@ from longcat_dist.kernels import (
     reference_block_sparse_attention,
 )
 from longcat_dist.kernels.bsa_select import pool_blocks, select_blocks_on_grid
-from longcat_dist.kernels.bsa_select_triton import pool_blocks_kernel, topk_blocks_kernel
+from longcat_dist.kernels.bsa_select_triton import (
+    pool_blocks_kernel,
+    topk_blocks_kernel,
+    transpose_selection_kernel,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16, FP16 = torch.bfloat16, torch.float16
@@ -115,19 +121,24 @@ def test_peaked_scores_whose_running_max_jumps_match_reference():
         assert relative_error(got, want) < TOLERANCE[FP16]
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_topk_kernel_picks_the_largest_scores_with_cond_blocks_first(ties):
-    B, nh, M, num_cond, n_sel, n_sel_cond = 2, 3, 20, 4, 5, 2
+@pytest.mark.parametrize("ties, num_cond", [(False, 4), (True, 4), (False, 0)])
+def test_topk_kernel_picks_the_largest_scores_with_cond_blocks_first(ties, num_cond):
+    B, nh, M, n_sel, n_sel_cond = 2, 3, 20, 5, 2
     gen = torch.Generator().manual_seed(13)
     scores = (
         torch.randint(0, 3, (B, nh, M, M), generator=gen).float()
         if ties
-        else torch.randn(B, nh, M, M, generator=gen)
+        else torch.randn(B, nh, M, M, generator=gen) * 1e3
     )
+    if not ties:  # the float-to-key map at the extremes: infinities (force_diagonal's +inf), tiny magnitudes
+        scores[0, 0, :, 7] = float("inf")
+        scores[0, 1, :, 3] = float("-inf")
+        scores[1, 2, :, :6] = torch.tensor([1e-30, -1e-30, 3e-38, -3e-38, 1e-45, -1e-45])
     scores = scores.to(DEVICE)
     got = torch.full((B, nh, M, n_sel), M, dtype=torch.int32, device=DEVICE)
     topk_blocks_kernel(scores, got, num_cond, n_sel, n_sel_cond)
-    for rows, cols, k in ((slice(num_cond, M), M, n_sel), (slice(0, num_cond), num_cond, n_sel_cond)):
+    groups = [(slice(num_cond, M), M, n_sel)] + [(slice(0, num_cond), num_cond, n_sel_cond)] * (num_cond > 0)
+    for rows, cols, k in groups:
         picked = got[:, :, rows, :k].long()
         assert (got[:, :, rows, k:] == M).all()  # slots past k untouched
         assert (picked.sort(-1).values.diff(dim=-1) > 0).all() and (picked < cols).all()  # k distinct columns
@@ -141,6 +152,24 @@ def test_topk_kernel_picks_the_largest_scores_with_cond_blocks_first(ties):
             assert torch.equal(picked.sort(-1).values, want.sort(-1).values)
         is_cond = picked < num_cond
         assert not (is_cond[..., 1:] & ~is_cond[..., :-1]).any()  # cond blocks first
+
+
+@pytest.mark.parametrize("latent_shape, num_cond", [((7, 6, 10), 1), ((9, 17, 16), 2)])
+def test_transpose_kernel_lists_the_same_q_blocks_as_the_sort(latent_shape, num_cond):
+    """The bitmap transposition against the sort (bsa_triton.transpose_by_sort, the CPU path), including q-block
+    ids past 31 (a second bitmap word) and rows with unused slots (cond rows select fewer blocks)."""
+    q, k = torch.randn(
+        2, 2, 3, math.prod(latent_shape), 16, generator=torch.Generator().manual_seed(14)
+    ).unbind(0)
+    grid = BlockGrid(latent_shape, num_cond, (4, 4, 4))
+    sel = select_blocks_on_grid(q, k, grid, 0.6, False)
+    want_list, want_offsets = bsa_triton.transpose_by_sort(sel, grid.num_blocks)
+    got_list, got_offsets = transpose_selection_kernel(
+        sel.indices.to(DEVICE), sel.counts.to(DEVICE), grid.num_blocks
+    )
+    assert torch.equal(got_offsets.cpu(), want_offsets)
+    used = torch.arange(want_list.shape[-1]) < want_offsets[:, -1:]  # entries past the last offset: unwritten
+    assert torch.equal(got_list.cpu()[used], want_list[used])
 
 
 def test_few_key_blocks_never_give_zeros():
@@ -220,15 +249,39 @@ def test_custom_ops_pass_torch_opcheck():
     geometry = ([4, 8, 8], 1, [4, 4, 4])
     select_args = (q.detach(), k.detach(), geometry[0], 1, geometry[2], 0.5, False)
     indices, counts = bsa._select_op(*select_args)
-    out, lse = bsa._attention_op(q, k, v, indices, counts, *geometry)
-    backward_args = (torch.randn_like(out), *(x.detach() for x in (q, k, v, out)), lse, indices, counts)
-    for op, args in (
-        (bsa._select_op, select_args),
-        (bsa._attention_op, (q, k, v, indices, counts, *geometry)),
-        (bsa._attention_backward_op, (*backward_args, *geometry)),
-    ):
+    checks = [(bsa._select_op, select_args)]
+    for keep_packed_kv in (False, True):
+        forward_args = (q, k, v, indices, counts, *geometry, keep_packed_kv)
+        out, lse, *packed = (x.detach() for x in bsa._attention_op(*forward_args))
+        assert all(x.numel() > 0 for x in packed) == keep_packed_kv
+        backward_args = (torch.randn_like(out), *(x.detach() for x in (q, k, v, out)), lse, indices, counts)
+        checks += [
+            (bsa._attention_op, forward_args),
+            (bsa._attention_backward_op, (*backward_args, *packed, *geometry)),
+        ]
+    for op, args in checks:
         results = torch.library.opcheck(op, args)
         assert set(results.values()) == {"SUCCESS"}, (op, results)
+
+
+def test_kept_kv_copies_give_the_same_gradients_and_skip_the_second_pack(monkeypatch):
+    """keep_packed_kv: the backward runs on the forward's K/V copies (one pack_kv per call instead of two) and
+    returns the same gradients bit for bit."""
+    q, k, v = random_qkv(1, 2, 5 * 6 * 7, 32, BF16, DEVICE, seed=15)
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(16)).to(DEVICE, BF16)
+    packs = []
+    real_pack = bsa_triton.pack_kv
+    monkeypatch.setattr(bsa_triton, "pack_kv", lambda *a: packs.append(1) or real_pack(*a))
+    results = {}
+    for keep in (False, True):
+        packs.clear()
+        out = block_sparse_attention(
+            q, k, v, latent_shape=(5, 6, 7), num_cond_latents=1, sparsity=0.5, keep_packed_kv=keep
+        )
+        results[keep] = (out, *torch.autograd.grad(out, (q, k, v), d_out))
+        assert len(packs) == (1 if keep else 2)
+    for kept, repacked in zip(results[True], results[False]):
+        assert torch.equal(kept, repacked)
 
 
 def test_compiles_as_one_graph_with_the_same_results():

@@ -52,3 +52,30 @@ def test_compute_sanitizer_finds_nothing_on_small_cases(tool):
     report = run.stdout + run.stderr
     assert run.returncode == 0 and "bsa sanitize cases ok" in report, report[-4000:]
     assert "ERROR SUMMARY: 0 errors" in report, report[-4000:]
+
+
+@pytest.mark.parametrize("latent_shape", [(24, 30, 52), (24, 44, 80)])
+def test_selection_kernels_match_torch_at_training_grids(latent_shape):
+    """The top-k kernel picks torch.topk's sets (random scores have no ties) and the bitmap transposition gives
+    the sort's lists, at the 480p and 704p grids (32 heads)."""
+    from longcat_dist.kernels import bsa_triton
+    from longcat_dist.kernels.bsa_select import BlockGrid, BlockSelection, num_selected
+    from longcat_dist.kernels.bsa_select_triton import topk_blocks_kernel, transpose_selection_kernel
+
+    grid = BlockGrid(latent_shape, 1, (4, 4, 4))
+    M, num_cond = grid.num_blocks, grid.num_cond_blocks
+    n_sel, n_sel_cond = num_selected(M, 0.9375), num_selected(num_cond, 0.9375)
+    scores = torch.randn(1, 32, M, M, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    indices = torch.full((1, 32, M, n_sel), M, device="cuda", dtype=torch.int32)
+    topk_blocks_kernel(scores, indices, num_cond, n_sel, n_sel_cond)
+    want = scores[:, :, num_cond:].topk(n_sel, dim=-1).indices.sort(-1).values
+    assert torch.equal(indices[:, :, num_cond:].long().sort(-1).values, want)
+    want_cond = scores[:, :, :num_cond, :num_cond].topk(n_sel_cond, dim=-1).indices.sort(-1).values
+    assert torch.equal(indices[:, :, :num_cond, :n_sel_cond].long().sort(-1).values, want_cond)
+    counts = torch.where(torch.arange(M, device="cuda") < num_cond, n_sel_cond, n_sel).to(torch.int32)
+    selection = BlockSelection(indices, counts)
+    want_list, want_offsets = bsa_triton.transpose_by_sort(selection, M)
+    got_list, got_offsets = transpose_selection_kernel(indices, counts, M)
+    assert torch.equal(got_offsets, want_offsets)
+    used = torch.arange(want_list.shape[-1], device="cuda") < want_offsets[:, -1:]
+    assert torch.equal(got_list[used], want_list[used])

@@ -74,12 +74,18 @@ def test_bsa_gradients_through_the_model_match_dense_attention():
     assert err < 5e-2, f"relative gradient error {err:.3e}"
 
 
-def test_checkpoint_keeps_the_bsa_selection_and_with_save_attention_its_output():
+def test_checkpoint_keeps_the_bsa_selection_and_with_save_attention_its_output(monkeypatch):
     """Under activation checkpointing the recompute takes the block selection from the first forward (and with
-    save_attention the attention op's output too): the ops run fewer times, the gradients stay the same."""
+    save_attention the attention op's output too), and a recompute's backward reuses its K/V copies: the ops
+    and the K/V packing run fewer times, the gradients stay the same."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from longcat_dist.kernels import bsa_triton
     from longcat_dist.model.attention import BSA_ATTENTION_OP, BSA_SELECT_OP
+
+    packs = []
+    real_pack = bsa_triton.pack_kv
+    monkeypatch.setattr(bsa_triton, "pack_kv", lambda *a: packs.append(1) or real_pack(*a))
 
     class CountOps(TorchDispatchMode):
         def __init__(self) -> None:
@@ -94,23 +100,28 @@ def test_checkpoint_keeps_the_bsa_selection_and_with_save_attention_its_output()
     model, (latents, timesteps, text) = _model_and_inputs()
     model.train().set_attention_backend("bsa", BSAParams(sparsity=0.5, chunk_shape=(1, 4, 4)))
 
-    def run(interval: int, save: bool):
-        model.enable_gradient_checkpointing(interval, save_attention=save)
+    def run(interval: int, save: bool, keep_kv_copies: bool = True):
+        model.enable_gradient_checkpointing(interval, save_attention=save, keep_kv_copies=keep_kv_copies)
         model.zero_grad()
+        packs.clear()
         with CountOps() as counter:
             model(latents, timesteps, text, num_cond_latents=1).float().square().mean().backward()
+        counter.calls["pack_kv"] = len(packs)
         return counter.calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_calls, plain = run(0, False)
     kept_calls, kept = run(1, False)
     saved_calls, saved = run(1, True)
+    repacked_calls, repacked = run(1, False, keep_kv_copies=False)
     depth = model.config.depth
-    assert plain_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: depth}
+    # pack_kv: once in each attention forward, and in the backward unless a recompute kept its copies.
+    assert plain_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: depth, "pack_kv": 2 * depth}
     # The counter sits outside the checkpoint's own dispatch mode, so it sees the recompute's calls only where
     # they run: the selection is served from the first forward, the attention runs again unless saved.
-    assert kept_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: 2 * depth}
-    assert saved_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: depth}
-    assert plain.keys() == kept.keys() == saved.keys() and plain
+    assert kept_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: 2 * depth, "pack_kv": 2 * depth}
+    assert saved_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: depth, "pack_kv": 2 * depth}
+    assert repacked_calls == {BSA_SELECT_OP: depth, BSA_ATTENTION_OP: 2 * depth, "pack_kv": 3 * depth}
+    assert plain.keys() == kept.keys() == saved.keys() == repacked.keys() and plain
     for name, grad in plain.items():
-        assert torch.equal(kept[name], grad), name
-        assert torch.equal(saved[name], grad), name
+        for other in (kept, saved, repacked):
+            assert torch.equal(other[name], grad), name
